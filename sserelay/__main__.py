@@ -1,0 +1,3 @@
+from sserelay.cli import main
+
+main()

@@ -1,0 +1,158 @@
+"""Sans-IO Server-Sent Events: encode events to bytes, decode bytes to events.
+
+Follows the WHATWG HTML Living Standard, section 9.2 "Server-sent events"
+(https://html.spec.whatwg.org/multipage/server-sent-events.html). Nothing here
+does I/O: feed bytes in, get events out; hand an event in, get bytes out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# §9.2.5: lines end in CRLF, a lone LF or a lone CR; nothing else ends a line.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_BOM = "\ufeff"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One SSE event. `data` may hold any text, newlines included; the encoder
+    turns each of its lines into a `data:` line. `event` and `id` may not hold
+    a line end (that would inject a field), and `id` may not hold NUL (§9.2.6
+    ignores such an id). `retry` is milliseconds."""
+
+    data: str = ""
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("event", "id"):
+            value = getattr(self, name)
+            if value is not None and ("\n" in value or "\r" in value):
+                raise ValueError(f"SSE {name} may not contain a line end: {value!r}")
+        if self.id is not None and "\0" in self.id:
+            raise ValueError("SSE id may not contain NUL")
+        if self.retry is not None and self.retry < 0:
+            raise ValueError("SSE retry must be a non-negative number of milliseconds")
+
+
+def encode_data(data: str, event_id: str | None = None) -> bytes:
+    """Frame `data` as one event with an optional id: the per-event hot path.
+
+    A line end of any kind inside `data` starts a new `data:` line of the same
+    event, so a chunk can never end its event early or inject a field."""
+    if "\n" in data or "\r" in data:
+        body = "\ndata: ".join(_LINE_END.split(data))
+    else:
+        body = data
+    if event_id is None:
+        return f"data: {body}\n\n".encode()
+    return f"id: {event_id}\ndata: {body}\n\n".encode()
+
+
+def encode_event(event: Event) -> bytes:
+    """Serialize `event` to its wire form, ending with the blank line that dispatches it."""
+    head = ""
+    if event.event is not None:
+        head += f"event: {event.event}\n"
+    if event.id is not None:
+        head += f"id: {event.id}\n"
+    if event.retry is not None:
+        head += f"retry: {event.retry}\n"
+    return head.encode() + encode_data(event.data)
+
+
+def encode_comment(text: str = "") -> bytes:
+    """A comment line (ignored by clients); `: ping` keeps idle connections alive."""
+    lines = _LINE_END.split(text)
+    return "".join(f": {line}\n" if line else ":\n" for line in lines).encode()
+
+
+class SSEDecoder:
+    """Incremental decoder: `decode(chunk)` returns the events completed by
+    `chunk`; any split of the byte stream (down to one byte at a time, or a CR
+    and its LF in different chunks) yields the same events. `flush()` at end of
+    stream returns nothing: §9.2.6 discards an event not ended by a blank line.
+
+    `last_event_id` and `retry` hold the stream's current values."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._skip_lf = False  # the previous chunk ended in CR: a leading LF is its pair
+        self._first_line = True
+        self._data: list[str] = []
+        self._event_type = ""
+        self.last_event_id = ""
+        self.retry: int | None = None
+        self._retry_seen = False  # a retry field since the last dispatch, kept for relays
+
+    def decode(self, chunk: bytes) -> list[Event]:
+        if self._skip_lf and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._skip_lf = False
+        if not chunk:
+            return []
+        buffer = self._pending + chunk
+        lines = buffer.splitlines()  # bytes.splitlines splits on CRLF, LF and CR only
+        if buffer.endswith(b"\r"):
+            self._skip_lf = True
+            self._pending = b""
+        elif buffer.endswith(b"\n"):
+            self._pending = b""
+        else:
+            self._pending = lines.pop()
+        events: list[Event] = []
+        for raw in lines:
+            event = self._process_line(raw.decode("utf-8", errors="replace"))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def flush(self) -> list[Event]:
+        """End of stream: drop the unterminated last event (§9.2.6) and reset."""
+        self._pending = b""
+        self._skip_lf = False
+        self._data = []
+        self._event_type = ""
+        self._retry_seen = False
+        return []
+
+    def _process_line(self, line: str) -> Event | None:
+        if self._first_line:
+            self._first_line = False
+            # §9.2.5: one leading U+FEFF byte order mark is ignored.
+            line = line.removeprefix(_BOM)
+        if not line:  # a blank line dispatches the event
+            return self._dispatch()
+        if line.startswith(":"):  # a comment
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):  # one leading space is stripped
+            value = value[1:]
+        # a line without a colon is a field with that name and an empty value
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event_type = value
+        elif name == "id":
+            if "\0" not in value:  # an id with NUL is ignored
+                self.last_event_id = value
+        elif name == "retry":
+            if value.isascii() and value.isdigit():  # only ASCII digits
+                self.retry = int(value)
+                self._retry_seen = True
+        return None  # any other field is ignored
+
+    def _dispatch(self) -> Event | None:
+        data, event_type, retry_seen = self._data, self._event_type, self._retry_seen
+        self._data, self._event_type, self._retry_seen = [], "", False
+        if not data:  # §9.2.6: an empty data buffer dispatches nothing
+            return None
+        return Event(
+            data="\n".join(data),
+            event=event_type or None,
+            id=self.last_event_id or None,
+            retry=self.retry if retry_seen else None,
+        )

@@ -1,0 +1,91 @@
+"""Tokenizers: how many billable tokens a text holds.
+
+The default, `whitespace`, counts whitespace-delimited words: `count_tokens(s)
+== len(s.split())`. Streams arrive in fragments, so every tokenizer also has a
+stateful `TokenCounter` that counts over the joined text: a word split across
+two fragments is one token, billed with the fragment where it starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+def count_tokens(text: str) -> int:
+    """Whitespace-delimited token count: `len(text.split())`."""
+    return len(text.split())
+
+
+class TokenCounter(Protocol):
+    """Counts tokens over a text that arrives in fragments."""
+
+    def feed(self, fragment: str) -> int:
+        """Tokens that start in `fragment`, given every fragment fed before."""
+        ...
+
+
+class WhitespaceCounter:
+    """Counts a token where a non-space follows a space (or the start of the text)."""
+
+    def __init__(self) -> None:
+        self._in_word = False
+
+    def feed(self, fragment: str) -> int:
+        if not fragment:
+            return 0
+        starts = len(fragment.split())
+        if starts and self._in_word and not fragment[0].isspace():
+            starts -= 1  # the first word continues the previous fragment's last word
+        self._in_word = not fragment[-1].isspace()
+        return starts
+
+
+class CharCounter:
+    """Counts every Unicode code point, line ends included."""
+
+    def feed(self, fragment: str) -> int:
+        return len(fragment)
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenizer:
+    """A named way of counting tokens. `count` is for whole texts, `counter()`
+    starts a fresh count over a fragmented text."""
+
+    name: str
+    description: str
+    count: Callable[[str], int]
+    counter: Callable[[], TokenCounter]
+
+
+def _count_chars(text: str) -> int:
+    return len(text)
+
+
+_REGISTRY: dict[str, Tokenizer] = {}
+
+
+def register_tokenizer(tokenizer: Tokenizer) -> None:
+    """Make `tokenizer` selectable by name (`--tokenizer NAME`)."""
+    _REGISTRY[tokenizer.name] = tokenizer
+
+
+def get_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer called `name`; KeyError lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown tokenizer {name!r} (known: {known})") from None
+
+
+def tokenizer_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+register_tokenizer(
+    Tokenizer("whitespace", "whitespace-delimited words", count_tokens, WhitespaceCounter)
+)
+register_tokenizer(Tokenizer("chars", "Unicode code points", _count_chars, CharCounter))
