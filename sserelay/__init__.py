@@ -5,7 +5,7 @@ from __future__ import annotations
 from .errors import ClientDisconnected, NoFlushError, SourceError, SSERelayError, UpstreamError
 from .meter import Bill, ClientBill, Meter
 from .sse import Event, SSEDecoder, encode_comment, encode_event
-from .stream import EventSink, stream_sse
+from .stream import EventSink, Frames, relay_frames, stream_sse
 from .tokens import count_tokens, get_tokenizer, register_tokenizer
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "ClientDisconnected",
     "Event",
     "EventSink",
+    "Frames",
     "Meter",
     "NoFlushError",
     "SSEDecoder",
@@ -28,5 +29,6 @@ __all__ = [
     "encode_event",
     "get_tokenizer",
     "register_tokenizer",
+    "relay_frames",
     "stream_sse",
 ]

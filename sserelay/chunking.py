@@ -31,6 +31,8 @@ class LineSplitter:
         self.invalid_utf8_bytes = 0
 
     def decode(self, data: bytes) -> list[str]:
+        if not data:  # nothing new: a pending CR still waits for its LF
+            return []
         if self._skip_lf and data.startswith(b"\n"):
             data = data[1:]
         self._skip_lf = False

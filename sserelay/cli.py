@@ -49,25 +49,66 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _common_options(command: F) -> F:
     """Options every command shares; each also reads SSERELAY_<OPTION>."""
     options = [
-        click.option("--host", default="127.0.0.1", show_default=True, envvar="SSERELAY_HOST",
-                     help="Address to listen on."),
-        click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
-                     envvar="SSERELAY_PORT", help="Port to listen on; 0 picks a free one."),
-        click.option("--json", "as_json", is_flag=True, envvar="SSERELAY_JSON",
-                     help="Print the bill as one JSON object."),
-        click.option("--quiet", "-q", is_flag=True, envvar="SSERELAY_QUIET",
-                     help="No live counter on stderr."),
-        click.option("--tokenizer", default="whitespace", show_default=True,
-                     envvar="SSERELAY_TOKENIZER", metavar="NAME",
-                     help="How tokens are counted: whitespace (words) or chars."),
-        click.option("--price", type=click.FloatRange(min=0), default=None,
-                     envvar="SSERELAY_PRICE", metavar="AMOUNT",
-                     help="Price per 1M tokens; the bill then shows the cost."),
-        click.option("--heartbeat", type=click.FloatRange(min=0), default=15.0,
-                     show_default=True, envvar="SSERELAY_HEARTBEAT", metavar="SECONDS",
-                     help="Send a ': ping' comment on a stream idle this long; 0 turns it off."),
-        click.option("--no-ids", is_flag=True, envvar="SSERELAY_NO_IDS",
-                     help="Do not number events with an id: field."),
+        click.option(
+            "--host",
+            default="127.0.0.1",
+            show_default=True,
+            envvar="SSERELAY_HOST",
+            help="Address to listen on.",
+        ),
+        click.option(
+            "--port",
+            default=8000,
+            show_default=True,
+            type=click.IntRange(0, 65535),
+            envvar="SSERELAY_PORT",
+            help="Port to listen on; 0 picks a free one.",
+        ),
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            envvar="SSERELAY_JSON",
+            help="Print the bill as one JSON object.",
+        ),
+        click.option(
+            "--quiet",
+            "-q",
+            is_flag=True,
+            envvar="SSERELAY_QUIET",
+            help="No live counter on stderr.",
+        ),
+        click.option(
+            "--tokenizer",
+            default="whitespace",
+            show_default=True,
+            envvar="SSERELAY_TOKENIZER",
+            metavar="NAME",
+            help="How tokens are counted: whitespace (words) or chars.",
+        ),
+        click.option(
+            "--price",
+            type=click.FloatRange(min=0),
+            default=None,
+            envvar="SSERELAY_PRICE",
+            metavar="AMOUNT",
+            help="Price per 1M tokens; the bill then shows the cost.",
+        ),
+        click.option(
+            "--heartbeat",
+            type=click.FloatRange(min=0),
+            default=15.0,
+            show_default=True,
+            envvar="SSERELAY_HEARTBEAT",
+            metavar="SECONDS",
+            help="Send a ': ping' comment on a stream idle this long; 0 turns it off.",
+        ),
+        click.option(
+            "--no-ids",
+            is_flag=True,
+            envvar="SSERELAY_NO_IDS",
+            help="Do not number events with an id: field.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -170,9 +211,7 @@ class _ServeRun:
         from .server import bound_address, serve_app
 
         meter = Meter(self.tokenizer, self.price)
-        session = StreamSession(
-            self.source, meter, count=self.count, ids=ids, heartbeat=heartbeat
-        )
+        session = StreamSession(self.source, meter, count=self.count, ids=ids, heartbeat=heartbeat)
         signals: list[int] = []
 
         def on_signal(signum: int) -> None:
@@ -183,8 +222,9 @@ class _ServeRun:
         live = LiveCounter(self.console, meter.totals, quiet=self.quiet)
         live.start()
         try:
-            await serve_app(create_app(session), sock, finished=session.finished,
-                            on_signal=on_signal)
+            await serve_app(
+                create_app(session), sock, finished=session.finished, on_signal=on_signal
+            )
         finally:
             await live.stop()
         bill = meter.bill(session.reason or "interrupted")

@@ -58,7 +58,9 @@ def format_bill(bill: Bill) -> str:
         f"{bill.tokens_per_s:,.1f} tokens/s)",
     ]
     if bill.cost is not None:
-        rows.append(f"  cost        {format_cost(bill.cost)} (at {bill.price_per_million:g} per 1M)")
+        rows.append(
+            f"  cost        {format_cost(bill.cost)} (at {bill.price_per_million:g} per 1M)"
+        )
     if bill.invalid_utf8_bytes:
         rows.append(f"  input       {bill.invalid_utf8_bytes} invalid UTF-8 bytes replaced")
     if bill.upstream_usage is not None:

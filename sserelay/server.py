@@ -49,7 +49,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        hint = " (another server is using it; try --port 0)" if exc.errno == errno.EADDRINUSE else ""
+        hint = (
+            " (another server is using it; try --port 0)" if exc.errno == errno.EADDRINUSE else ""
+        )
         raise ListenError(
             f"cannot listen on {host}:{port}: {(exc.strerror or str(exc)).lower()}{hint}"
         ) from exc
@@ -104,8 +106,9 @@ async def serve_app(
         loop.add_signal_handler(signum, handle, signum)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await asyncio.wait({serving, asyncio.create_task(finished.wait())},
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {serving, asyncio.create_task(finished.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
         server.should_exit = True
         await serving
     finally:

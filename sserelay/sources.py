@@ -13,7 +13,7 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import BinaryIO
 
 from .chunking import LineSplitter
@@ -33,9 +33,9 @@ class LineSource:
         self._splitter = LineSplitter()
         try:
             if path in (None, "-"):
-                self._file: BinaryIO = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
+                self._file: BinaryIO = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
             else:
-                self._file = open(str(path), "rb", buffering=0)  # noqa: SIM115
+                self._file = open(str(path), "rb", buffering=0)
             mode = os.fstat(self._file.fileno()).st_mode
         except OSError as exc:
             raise SourceError(f"cannot open {self.name}: {exc.strerror or exc}") from exc
@@ -60,7 +60,7 @@ class LineSource:
         finally:
             await reads.aclose()
 
-    async def _thread_reads(self) -> AsyncIterator[bytes]:
+    async def _thread_reads(self) -> AsyncGenerator[bytes, None]:
         fd = self._file.fileno()
         while True:
             try:
@@ -71,7 +71,7 @@ class LineSource:
                 return
             yield data
 
-    async def _loop_reads(self) -> AsyncIterator[bytes]:
+    async def _loop_reads(self) -> AsyncGenerator[bytes, None]:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_SIZE)
         fd = self._file.fileno()

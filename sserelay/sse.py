@@ -76,7 +76,8 @@ class SSEDecoder:
     and its LF in different chunks) yields the same events. `flush()` at end of
     stream returns nothing: §9.2.6 discards an event not ended by a blank line.
 
-    `last_event_id` and `retry` hold the stream's current values."""
+    `last_event_id` is the id of the last dispatched event (what a reconnect
+    sends); `retry` the last valid reconnection time."""
 
     def __init__(self) -> None:
         self._pending = b""
@@ -85,10 +86,13 @@ class SSEDecoder:
         self._data: list[str] = []
         self._event_type = ""
         self.last_event_id = ""
+        self._id_buffer = ""  # §9.2.6: the id field fills a buffer; dispatch publishes it
         self.retry: int | None = None
         self._retry_seen = False  # a retry field since the last dispatch, kept for relays
 
     def decode(self, chunk: bytes) -> list[Event]:
+        if not chunk:  # nothing new: a pending CR still waits for its LF
+            return []
         if self._skip_lf and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._skip_lf = False
@@ -138,14 +142,17 @@ class SSEDecoder:
             self._event_type = value
         elif name == "id":
             if "\0" not in value:  # an id with NUL is ignored
-                self.last_event_id = value
+                self._id_buffer = value
         elif name == "retry":
-            if value.isascii() and value.isdigit():  # only ASCII digits
+            # Only ASCII digits count. int() refuses over 4,300 digits; so long
+            # a value is an attack, not a delay, and is ignored.
+            if value.isascii() and value.isdigit() and len(value) <= 4000:
                 self.retry = int(value)
                 self._retry_seen = True
         return None  # any other field is ignored
 
     def _dispatch(self) -> Event | None:
+        self.last_event_id = self._id_buffer
         data, event_type, retry_seen = self._data, self._event_type, self._retry_seen
         self._data, self._event_type, self._retry_seen = [], "", False
         if not data:  # §9.2.6: an empty data buffer dispatches nothing

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import ClientDisconnected, NoFlushError
@@ -49,14 +50,48 @@ class _Gone(Exception):
     """The sink reported the client gone during a flush."""
 
 
+@dataclass(frozen=True, slots=True)
+class Frames:
+    """Encoded SSE bytes holding `events` events and `tokens` tokens, written in one flush."""
+
+    payload: bytes
+    events: int
+    tokens: int
+
+
 _END = object()
 
 
-async def _next_batch(batches: AsyncIterator[Sequence[str]]) -> Sequence[str] | object:
+async def _next(frames: AsyncIterator[Frames]) -> Frames | object:
     try:
-        return await anext(batches)
+        return await anext(frames)
     except StopAsyncIteration:
         return _END
+
+
+async def encode_chunks(
+    batches: AsyncIterable[Sequence[str]],
+    *,
+    count: Callable[[str], int] = count_tokens,
+    ids: bool = True,
+    first_id: int = 1,
+) -> AsyncIterator[Frames]:
+    """One event per chunk, numbered from `first_id` unless `ids` is false;
+    each batch of chunks that were ready together becomes one Frames."""
+    next_id = first_id
+    async for batch in batches:
+        if not batch:
+            continue
+        tokens = 0
+        parts: list[bytes] = []
+        for chunk in batch:
+            tokens += count(chunk)
+            if ids:
+                parts.append(encode_data(chunk, str(next_id)))
+                next_id += 1
+            else:
+                parts.append(encode_data(chunk))
+        yield Frames(parts[0] if len(parts) == 1 else b"".join(parts), len(parts), tokens)
 
 
 async def stream_sse(
@@ -78,12 +113,25 @@ async def stream_sse(
     `batches`; NoFlushError for a sink without flush(). With `heartbeat`
     seconds, an idle stream gets a `: ping` comment that often.
     """
+    frames = encode_chunks(batches, count=count, ids=ids, first_id=first_id)
+    return await relay_frames(sink, frames, client=client, heartbeat=heartbeat)
+
+
+async def relay_frames(
+    sink: EventSink,
+    frames: AsyncIterable[Frames],
+    *,
+    client: ClientMeter,
+    heartbeat: float | None = None,
+    headers: Sequence[tuple[bytes, bytes]] = SSE_HEADERS,
+) -> int:
+    """Write each Frames to `sink` and flush it at once: stream_sse() for
+    events that are already encoded (a relayed upstream, a broadcast).
+    Same contract as stream_sse()."""
     if not callable(getattr(sink, "flush", None)):
         raise NoFlushError()
-    await sink.start(SSE_HEADERS)
-    pump = asyncio.create_task(
-        _pump(sink, aiter(batches), client, count, first_id if ids else None, heartbeat)
-    )
+    await sink.start(headers)
+    pump = asyncio.create_task(_pump(sink, aiter(frames), client, heartbeat))
     watcher = asyncio.create_task(sink.wait_disconnected())
     try:
         await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -104,49 +152,35 @@ async def stream_sse(
 
 async def _pump(
     sink: EventSink,
-    batches: AsyncIterator[Sequence[str]],
+    frames: AsyncIterator[Frames],
     client: ClientMeter,
-    count: Callable[[str], int],
-    next_id: int | None,
     heartbeat: float | None,
 ) -> None:
-    pending: asyncio.Task[Sequence[str] | object] | None = None
+    pending: asyncio.Task[Frames | object] | None = None
     try:
         while True:
             if heartbeat:
                 if pending is None:
-                    pending = asyncio.create_task(_next_batch(batches))
+                    pending = asyncio.create_task(_next(frames))
                 done, _ = await asyncio.wait({pending}, timeout=heartbeat)
                 if not done:
                     sink.write(PING)
                     if not await sink.flush():
                         raise _Gone
                     continue
-                batch = pending.result()
+                item = pending.result()
                 pending = None
             else:
-                batch = await _next_batch(batches)
-            if batch is _END:
+                item = await _next(frames)
+            if item is _END:
                 return
-            assert isinstance(batch, Sequence)
-            if not batch:
-                continue
-            tokens = 0
-            frames: list[bytes] = []
-            for chunk in batch:
-                tokens += count(chunk)
-                if next_id is None:
-                    frames.append(encode_data(chunk))
-                else:
-                    frames.append(encode_data(chunk, str(next_id)))
-                    next_id += 1
-            payload = frames[0] if len(frames) == 1 else b"".join(frames)
-            sink.write(payload)
+            assert isinstance(item, Frames)
+            sink.write(item.payload)
             if not await sink.flush():
                 raise _Gone
-            client.record(len(frames), tokens, len(payload))
+            client.record(item.events, item.tokens, len(item.payload))
     finally:
         if pending is not None:
             pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            with contextlib.suppress(asyncio.CancelledError):
                 await pending
