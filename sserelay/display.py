@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from .meter import Bill, Totals
+from .meter import Bill, ClientBill, ClientMeter, Totals
 
 
 def format_count(n: float) -> str:
@@ -71,9 +71,52 @@ def format_bill(bill: Bill) -> str:
             f"  client {c.id:<4} {c.peer or '-':<22} {format_count(c.tokens):>10} tokens "
             f"{format_count(c.events):>8} events {format_count(c.bytes):>12} bytes  {c.reason}"
         )
+        if c.method is not None:  # a proxied request
+            rows.append(f"              {format_request(c)}")
     if not bill.clients:
         rows.append("  no client connected")
     return "\n".join(rows)
+
+
+def format_usage(usage: dict[str, int | None]) -> str:
+    """An upstream's usage report; a count it did not report is `?`, never 0."""
+    shown = {"input_tokens": "in", "output_tokens": "out", "total_tokens": "total"}
+    return " ".join(
+        f"{shown.get(key, key)}={'?' if value is None else format_count(value)}"
+        for key, value in usage.items()
+    )
+
+
+def format_request(c: ClientBill) -> str:
+    """What a proxied request was and what the upstream said about it."""
+    parts = [c.method or "-", c.path or "/", str(c.upstream_status or "-")]
+    if c.model:
+        parts.append(c.model)
+    if c.upstream_usage is not None:
+        parts.append(f"upstream {format_usage(c.upstream_usage)}")
+    if c.cost is not None:
+        parts.append(f"cost {format_cost(c.cost)}")
+    return " ".join(parts)
+
+
+def format_receipt(c: ClientBill, error: str | None = None) -> str:
+    """The one line printed when a proxied request ends."""
+    line = (
+        f"{format_request(c)} · {format_count(c.tokens)} tokens · "
+        f"{format_count(c.events)} events · {format_bytes(c.bytes)} · {c.duration_s:.3f} s · "
+        f"{c.reason}"
+    )
+    return f"{line}: {error}" if error else line
+
+
+def format_active(client: ClientMeter, now: float) -> str:
+    """A live row for a request still being proxied."""
+    elapsed = now - client.opened_at
+    rate = client.tokens / elapsed if elapsed > 0 else 0.0
+    return (
+        f"{client.method or '-'} {client.path or '/'} {client.model or '-'} · "
+        f"{format_count(client.tokens)} tokens · {rate:,.1f} tok/s"
+    )
 
 
 class LiveCounter:
@@ -87,16 +130,22 @@ class LiveCounter:
         *,
         quiet: bool = False,
         plain_interval: float = 10.0,
+        rows: Callable[[], list[str]] | None = None,
     ) -> None:
         self._console = console
         self._totals = totals
+        self._rows = rows
         self._quiet = quiet
         self._plain_interval = plain_interval
         self._live: Live | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     def _render(self) -> Text:
-        return Text("sserelay: " + format_totals(self._totals()), style="bold cyan")
+        text = Text("sserelay: " + format_totals(self._totals()), style="bold cyan")
+        # One row per active request (proxy), under the totals; only on a terminal.
+        for row in self._rows() if self._rows is not None else []:
+            text.append("\n  " + row, style="cyan")
+        return text
 
     def start(self) -> None:
         if self._quiet:

@@ -3,6 +3,7 @@
     SSERelayError
     ├── SourceError            the input (file, stdin) could not be opened or read
     ├── UpstreamError          the upstream refused, timed out, failed or died mid-stream
+    │   └── UpstreamTimeout    ... by not connecting or not sending within its timeout
     ├── NoFlushError           a sink that cannot flush was handed to stream_sse()
     └── ClientDisconnected     the client went away; carries what it had received
 
@@ -23,6 +24,10 @@ class SourceError(SSERelayError):
 
 class UpstreamError(SSERelayError):
     """The upstream could not be reached, answered with an error, or died mid-stream."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not accept a connection, or sent nothing, within its timeout."""
 
 
 class NoFlushError(SSERelayError):

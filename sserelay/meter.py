@@ -35,10 +35,16 @@ class ClientMeter:
         "events",
         "first_event_at",
         "id",
+        "method",
+        "model",
         "opened_at",
+        "path",
         "peer",
+        "prices",
         "reason",
         "tokens",
+        "upstream_status",
+        "upstream_usage",
     )
 
     def __init__(self, client_id: int, peer: str, clock: Clock) -> None:
@@ -52,6 +58,14 @@ class ClientMeter:
         self.opened_at = clock()
         self.first_event_at: float | None = None
         self.closed_at: float | None = None
+        # A proxied request (`sserelay proxy`) also says what it was and what the upstream said.
+        self.method: str | None = None
+        self.path: str | None = None
+        self.model: str | None = None
+        self.upstream_status: int | None = None
+        self.upstream_usage: dict[str, int | None] | None = None
+        #: (input, output) price per 1M tokens for this request's model; else the run's --price.
+        self.prices: tuple[float, float] | None = None
 
     def record(self, events: int, tokens: int, nbytes: int) -> None:
         """Count a write that the client's connection has accepted."""
@@ -71,7 +85,16 @@ class ClientMeter:
     def active(self) -> bool:
         return self.reason is None
 
-    def bill(self, now: float) -> ClientBill:
+    def cost(self, price_per_million: float | None) -> float | None:
+        """With model prices: the reported input tokens at the input price plus the metered
+        tokens at the output price. Otherwise the metered tokens at `price_per_million`."""
+        if self.prices is None:
+            return cost_of(self.tokens, price_per_million)
+        input_price, output_price = self.prices
+        prompt = (self.upstream_usage or {}).get("input_tokens") or 0
+        return round((prompt * input_price + self.tokens * output_price) / 1_000_000, 10)
+
+    def bill(self, now: float, price_per_million: float | None = None) -> ClientBill:
         end = self.closed_at if self.closed_at is not None else now
         return ClientBill(
             id=self.id,
@@ -86,6 +109,12 @@ class ClientMeter:
                 if self.first_event_at is None
                 else round(self.first_event_at - self.opened_at, 6)
             ),
+            method=self.method,
+            path=self.path,
+            model=self.model,
+            upstream_status=self.upstream_status,
+            upstream_usage=self.upstream_usage,
+            cost=self.cost(price_per_million),
         )
 
 
@@ -101,6 +130,18 @@ class ClientBill:
     reason: str
     duration_s: float
     time_to_first_event_s: float | None
+    # Set for a proxied request only (see ClientMeter).
+    method: str | None = None
+    path: str | None = None
+    model: str | None = None
+    upstream_status: int | None = None
+    upstream_usage: dict[str, int | None] | None = None
+    cost: float | None = None
+
+    @property
+    def partial(self) -> bool:
+        """The client got less than the whole stream."""
+        return self.reason != "complete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,23 +203,48 @@ class Bill:
             "price_per_million": self.price_per_million,
             "cost": self.cost,
             "invalid_utf8_bytes": self.invalid_utf8_bytes,
-            "clients": [
-                {
-                    "id": c.id,
-                    "peer": c.peer,
-                    "tokens": c.tokens,
-                    "events": c.events,
-                    "bytes": c.bytes,
-                    "reason": c.reason,
-                    "duration_s": c.duration_s,
-                    "time_to_first_event_s": c.time_to_first_event_s,
-                }
-                for c in self.clients
-            ],
+            "clients": [_client_dict(c) for c in self.clients],
         }
         if self.upstream_usage is not None:
             out["upstream_usage"] = self.upstream_usage
         return out
+
+
+def _client_dict(c: ClientBill) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": c.id,
+        "peer": c.peer,
+        "tokens": c.tokens,
+        "events": c.events,
+        "bytes": c.bytes,
+        "reason": c.reason,
+        "duration_s": c.duration_s,
+        "time_to_first_event_s": c.time_to_first_event_s,
+    }
+    if c.method is not None:  # a proxied request
+        out.update(
+            method=c.method,
+            path=c.path,
+            model=c.model,
+            upstream_status=c.upstream_status,
+            upstream_usage=c.upstream_usage,
+            partial=c.partial,
+            cost=c.cost,
+        )
+    return out
+
+
+def sum_usage(reports: list[dict[str, int | None]]) -> dict[str, int | None] | None:
+    """Per-field sums of several requests' upstream usage; a field no request
+    reported stays None (not 0); None when there is no report at all."""
+    if not reports:
+        return None
+    keys = dict.fromkeys(key for report in reports for key in report)
+    out: dict[str, int | None] = {}
+    for key in keys:
+        values = [v for report in reports if (v := report.get(key)) is not None]
+        out[key] = sum(values) if values else None
+    return out
 
 
 class Meter:
@@ -203,6 +269,13 @@ class Meter:
         self.clients.append(client)
         return client
 
+    def _cost(self, tokens: int) -> float | None:
+        # With per-model prices (proxy --prices) the cost is the sum of each request's.
+        if not any(c.prices is not None for c in self.clients):
+            return cost_of(tokens, self.price_per_million)
+        costs = [c.cost(self.price_per_million) for c in self.clients]
+        return round(sum(cost for cost in costs if cost is not None), 10)
+
     def totals(self) -> Totals:
         tokens = sum(c.tokens for c in self.clients)
         return Totals(
@@ -212,7 +285,7 @@ class Meter:
             elapsed_s=self._clock() - self.started_at,
             active_clients=sum(1 for c in self.clients if c.active),
             clients=len(self.clients),
-            cost=cost_of(tokens, self.price_per_million),
+            cost=self._cost(tokens),
         )
 
     def bill(self, reason: str) -> Bill:
@@ -222,7 +295,7 @@ class Meter:
         now = self._clock()
         for client in self.clients:
             client.close(reason)
-        clients = tuple(c.bill(now) for c in self.clients)
+        clients = tuple(c.bill(now, self.price_per_million) for c in self.clients)
         tokens = sum(c.tokens for c in clients)
         firsts = [c.time_to_first_event_s for c in clients if c.time_to_first_event_s is not None]
         return Bill(
@@ -234,8 +307,12 @@ class Meter:
             time_to_first_event_s=min(firsts) if firsts else None,
             tokenizer=self.tokenizer,
             price_per_million=self.price_per_million,
-            cost=cost_of(tokens, self.price_per_million),
+            cost=self._cost(tokens),
             clients=clients,
             invalid_utf8_bytes=self.invalid_utf8_bytes,
-            upstream_usage=self.upstream_usage,
+            upstream_usage=(
+                self.upstream_usage
+                if self.upstream_usage is not None
+                else sum_usage([c.upstream_usage for c in clients if c.upstream_usage is not None])
+            ),
         )
