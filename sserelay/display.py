@@ -58,9 +58,12 @@ def format_bill(bill: Bill) -> str:
         f"{bill.tokens_per_s:,.1f} tokens/s)",
     ]
     if bill.cost is not None:
-        rows.append(
-            f"  cost        {format_cost(bill.cost)} (at {bill.price_per_million:g} per 1M)"
+        basis = (
+            "per-model prices"
+            if bill.price_per_million is None
+            else f"at {bill.price_per_million:g} per 1M"
         )
+        rows.append(f"  cost        {format_cost(bill.cost)} ({basis})")
     if bill.invalid_utf8_bytes:
         rows.append(f"  input       {bill.invalid_utf8_bytes} invalid UTF-8 bytes replaced")
     if bill.upstream_usage is not None:
