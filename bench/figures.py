@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from lineup import BENCH, HOST, Contender, Server, help_text, reap, running, spawn
+from lineup import BENCH, HOST, Contender, Server, exited, help_text, reap, running, spawn
 from loadgen import SSEClient, open_stream, percentile
 
 
@@ -74,7 +74,8 @@ def _lag_metrics(lags_ns: list[int], prefix: str = "") -> dict[str, float]:
 async def throughput(contender: Contender, settings: Settings) -> Outcome:
     """One client, the whole lines file: events/s and MB/s until the client has the last event."""
     timeout = max(60.0, settings.lines / 10_000)
-    async with running(contender.command(str(settings.lines_file)), expect_exit=True) as server:
+    command = contender.command(str(settings.lines_file))
+    async with running(command, expect_exit=contender.exits) as server:
         start = time.monotonic_ns()
         client = await open_stream(HOST, server.port)
         try:
@@ -156,7 +157,7 @@ async def latency(contender: Contender, settings: Settings) -> Outcome:
     count, rate = settings.latency_lines, settings.latency_rate
     async with producing(rate, count) as feed:
         command = contender.command("-")
-        async with running(command, stdin=feed.stdin, expect_exit=True) as server:
+        async with running(command, stdin=feed.stdin, expect_exit=contender.exits) as server:
             feed.handed_over()
             client = await open_stream(HOST, server.port, stamped=True)
             try:
@@ -211,7 +212,7 @@ async def fanout(contender: Contender, settings: Settings) -> Outcome:
     clients: list[SSEClient] = []
     async with producing(settings.fanout_rate, count) as feed:
         command = contender.command("-", keep=True)
-        async with running(command, stdin=feed.stdin, expect_exit=True) as server:
+        async with running(command, stdin=feed.stdin, expect_exit=contender.exits) as server:
             feed.handed_over()
             try:
                 clients += await _connect_all(server.port, warm, stamped=True)
@@ -305,7 +306,10 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 async def proxy(contender: Contender, settings: Settings) -> Outcome:
-    """Client close -> upstream socket close, over N trials of a fresh `sserelay proxy`."""
+    """Client close -> upstream socket close, over N requests through `sserelay proxy`.
+
+    One proxy serves every trial (each request opens its own upstream connection);
+    a proxy that exits after its client (`--once` style) is started again."""
     if contender.name != "sserelay":
         return Outcome(note="- (sserelay only)")
     proxy_help = help_text([contender.argv[0], "proxy"])
@@ -321,16 +325,25 @@ async def proxy(contender: Contender, settings: Settings) -> Outcome:
         command += ["--heartbeat", "0"]
     gaps: list[int] = []
     failures: list[str] = []
-    deadline = time.monotonic() + max(30.0, settings.proxy_trials * 1.5)
+    deadline = time.monotonic() + max(30.0, settings.proxy_trials * 1.0)
     try:
-        for _ in range(settings.proxy_trials):
-            if time.monotonic() > deadline:
-                failures.append("time budget spent")
-                break
-            try:
-                gaps.append(await _proxy_trial(command, opened))
-            except Exception as exc:
-                failures.append(f"{type(exc).__name__}: {exc}")
+        async with contextlib.AsyncExitStack() as stack:
+            server: Server | None = None
+            for _ in range(2 * settings.proxy_trials):
+                if len(gaps) + len(failures) >= settings.proxy_trials:
+                    break
+                if time.monotonic() > deadline:
+                    failures.append("time budget spent")
+                    break
+                if server is None or server.process.returncode is not None:
+                    await stack.aclose()
+                    server = await stack.enter_async_context(running(command))
+                try:
+                    gaps.append(await _proxy_trial(server.port, opened))
+                except Exception as exc:
+                    if await exited(server.process, 0.5):
+                        continue  # a proxy that served its one request: start another
+                    failures.append(f"{type(exc).__name__}: {exc}")
     finally:
         upstream.close()
     if not gaps:
@@ -341,19 +354,18 @@ async def proxy(contender: Contender, settings: Settings) -> Outcome:
     return outcome
 
 
-async def _proxy_trial(command: list[str], opened: asyncio.Queue[UpstreamConnection]) -> int:
+async def _proxy_trial(port: int, opened: asyncio.Queue[UpstreamConnection]) -> int:
     while not opened.empty():  # a leftover from a failed trial
         opened.get_nowait()
-    async with running(command, expect_exit=True) as server:
-        client = await open_stream(HOST, server.port)
-        try:
-            await asyncio.wait_for(asyncio.shield(client.first_event), 10)
-            upstream = await asyncio.wait_for(opened.get(), 5)
-            closed_at = time.monotonic_ns()
-            client.close()  # FIN, as a browser tab or `curl` being stopped would
-            return await asyncio.wait_for(asyncio.shield(upstream.closed), 10) - closed_at
-        finally:
-            client.close()
+    client = await open_stream(HOST, port)
+    try:
+        await asyncio.wait_for(asyncio.shield(client.first_event), 10)
+        upstream = await asyncio.wait_for(opened.get(), 5)
+        closed_at = time.monotonic_ns()
+        client.close()  # FIN, as a browser tab or `curl` being stopped would
+        return await asyncio.wait_for(asyncio.shield(upstream.closed), 10) - closed_at
+    finally:
+        client.close()
 
 
 # -- 6. start-up ---------------------------------------------------------------
@@ -377,7 +389,8 @@ async def startup(contender: Contender, settings: Settings) -> Outcome:
     firsts: list[float] = []
     for _ in range(settings.startup_runs):
         start = time.monotonic_ns()
-        async with running(contender.command(str(source)), expect_exit=True) as server:
+        command = contender.command(str(source))
+        async with running(command, expect_exit=contender.exits) as server:
             client = await open_stream(HOST, server.port)
             try:
                 await asyncio.wait_for(asyncio.shield(client.first_event), 20)

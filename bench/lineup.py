@@ -39,6 +39,7 @@ class Contender:
     argv: tuple[str, ...]  # the command, before the common options
     note: str | None = None  # why it cannot run at all
     broadcast_note: str | None = None  # why it cannot run the fan-out figures
+    exits: bool = False  # ends by itself when its stream ends (sserelay); others are stopped
 
     @property
     def available(self) -> bool:
@@ -91,15 +92,16 @@ def build_go(workdir: Path) -> tuple[str | None, str | None]:
     return str(binary), None
 
 
-def discover(only: Sequence[str], workdir: Path) -> list[Contender]:
-    """The selected contenders in table order, each runnable or carrying its reason."""
+def discover(only: Sequence[str], workdir: Path, sserelay: str | None = None) -> list[Contender]:
+    """The selected contenders in table order, each runnable or carrying its reason.
+    `sserelay` is the executable to bench (default: the installed one)."""
     lineup: list[Contender] = []
     python = sys.executable
     for name in NAMES:
         if name not in only:
             continue
         if name == "sserelay":
-            exe = sserelay_executable()
+            exe = sserelay or sserelay_executable()
             if exe is None:
                 lineup.append(Contender(name, (), note="n/a (sserelay not installed)"))
                 continue
@@ -108,6 +110,7 @@ def discover(only: Sequence[str], workdir: Path) -> list[Contender]:
                 Contender(
                     name,
                     (exe, "serve", "--quiet", "--json", "--heartbeat", "0"),
+                    exits=True,
                     broadcast_note=None
                     if "--keep" in serve_help
                     else "n/a (needs the broadcast hub, issue 3)",
@@ -207,7 +210,8 @@ async def spawn(
     return process
 
 
-async def _exited(process: asyncio.subprocess.Process, timeout: float) -> bool:
+async def exited(process: asyncio.subprocess.Process, timeout: float) -> bool:
+    """Whether the process ends within `timeout` seconds."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(process.wait(), timeout)
     return process.returncode is not None
@@ -216,10 +220,10 @@ async def _exited(process: asyncio.subprocess.Process, timeout: float) -> bool:
 async def reap(process: asyncio.subprocess.Process, timeout: float = 2.0) -> int:
     """Give a child `timeout` seconds to end by itself, then SIGTERM, then SIGKILL;
     returns its exit status."""
-    if timeout <= 0 or not await _exited(process, timeout):
+    if timeout <= 0 or not await exited(process, timeout):
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
-        if not await _exited(process, 2.0):
+        if not await exited(process, 2.0):
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
     status = await process.wait()

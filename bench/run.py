@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--proxy-trials", type=int, help="proxy trials (100; 10)")
     parser.add_argument("--startup-runs", type=int, help="start-up repetitions (7; 3)")
     parser.add_argument(
+        "--sserelay",
+        metavar="EXE",
+        help="the sserelay executable to bench (default: the one beside this Python)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=BENCH / "results.json",
@@ -110,7 +115,7 @@ def _summary(outcome: Outcome) -> str:
 
 
 async def bench(args: argparse.Namespace, settings: Settings) -> tuple[list[Contender], Results]:
-    lineup = discover(args.only, settings.workdir)
+    lineup = discover(args.only, settings.workdir, args.sserelay)
     for contender in lineup:
         if not contender.available:
             log(f"{contender.name}: {contender.note}")
@@ -157,6 +162,8 @@ def _meta(args: argparse.Namespace, settings: Settings, lineup: list[Contender])
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "load_average_before": args.load_before,
+        "load_average_after": os.getloadavg(),
         "go": go_version,
         "quick": args.quick,
         "settings": {k: v for k, v in vars(settings).items() if k != "workdir"},
@@ -172,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     where = workdir()
     settings = settings_for(args, where)
     raise_fd_limit(settings.clients)
+    # Other work on the machine shows up in every figure: record it, and say so.
+    args.load_before = os.getloadavg()
+    if args.load_before[0] > 0.5:
+        log(f"note: load average {args.load_before[0]:.2f} before the run; figures will be noisy")
     started = time.monotonic()
     try:
         lineup, results = _loop_runner()(bench(args, settings))
@@ -180,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(where, ignore_errors=True)
     names = [c.name for c in lineup]
     rows, footnotes = build(results, names)
-    print(render(rows, footnotes, names))
+    print(render(rows, footnotes, names), flush=True)
     document = {
         "meta": _meta(args, settings, lineup) | {"seconds": time.monotonic() - started},
         "rows": rows,

@@ -1,0 +1,41 @@
+"""bench/run.py runs end to end on a tiny load. The benchmark itself is not part of the
+suite; this only proves the one command still starts, measures, cleans up and reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RUN = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+
+
+def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RUN),
+            "--quick",
+            "--only=sserelay,floor",  # no optional deps, no Go toolchain
+            "--figures=throughput,latency",
+            "--lines=2000",
+            "--latency-lines=50",
+            f"--json={results}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "throughput, events/s" in done.stdout
+    document: dict[str, Any] = json.loads(results.read_text())
+    figures = document["figures"]
+    assert set(figures) == {"throughput", "latency"}
+    for name in ("sserelay", "floor"):
+        assert figures["throughput"][name]["metrics"]["events_per_s"] > 0, figures
+        assert figures["latency"][name]["metrics"]["p99_ms"] > 0, figures
+    assert {row["metric"] for row in document["rows"]} >= {"events_per_s", "p99_ms"}
