@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from . import __version__
+from .formats import PAYLOAD_KINDS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -155,7 +156,7 @@ def serve(
     from .sources import LineSource
     from .tokens import get_tokenizer
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         counter = get_tokenizer(tokenizer)
     except KeyError as exc:
@@ -218,17 +219,296 @@ class _ServeRun:
             signals.append(signum)
             session.interrupt()
 
-        self.console.print(f"sserelay: serving on {bound_address(sock).url}", highlight=False)
         live = LiveCounter(self.console, meter.totals, quiet=self.quiet)
-        live.start()
+
+        def on_ready() -> None:
+            self.console.print(f"sserelay: serving on {bound_address(sock).url}", highlight=False)
+            live.start()
+
         try:
             await serve_app(
-                create_app(session), sock, finished=session.finished, on_signal=on_signal
+                create_app(session),
+                sock,
+                finished=session.finished,
+                on_signal=on_signal,
+                on_ready=on_ready,
             )
         finally:
             await live.stop()
         bill = meter.bill(session.reason or "interrupted")
         return bill, session.error, signals[0] if signals else None
+
+
+class _HeaderLines(click.types.StringParamType):
+    """Headers as `'Name: value'`; several in SSERELAY_UPSTREAM_HEADER go one per line."""
+
+    name = "header"
+    envvar_list_splitter = "\n"
+
+
+def _parse_headers(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    from .upstream import parse_header
+
+    headers = []
+    for value in values:
+        if not value.strip():
+            continue
+        try:
+            headers.append(parse_header(value))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+    return headers
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option(
+    "--upstream",
+    required=True,
+    envvar="SSERELAY_UPSTREAM",
+    metavar="URL",
+    help="The streaming upstream; a request for /PATH goes to URL/PATH, for / to URL itself.",
+)
+@click.option(
+    "--upstream-header",
+    "upstream_headers",
+    multiple=True,
+    type=_HeaderLines(),
+    callback=_parse_headers,
+    envvar="SSERELAY_UPSTREAM_HEADER",
+    metavar="'NAME: VALUE'",
+    help="Add this header to every upstream request (e.g. the API key); repeatable. Never printed.",
+)
+@click.option(
+    "--payload",
+    type=click.Choice(PAYLOAD_KINDS),
+    default="auto",
+    show_default=True,
+    envvar="SSERELAY_PAYLOAD",
+    help="How to find the text (and usage) in the upstream's payloads.",
+)
+@click.option(
+    "--keep-comments",
+    is_flag=True,
+    envvar="SSERELAY_KEEP_COMMENTS",
+    help="Relay the upstream's SSE comment lines (dropped by default).",
+)
+@click.option(
+    "--include-usage",
+    is_flag=True,
+    envvar="SSERELAY_INCLUDE_USAGE",
+    help="Ask OpenAI-style chat upstreams for usage (stream_options.include_usage); "
+    "the extra usage chunk is kept from clients that did not ask for it.",
+)
+@click.option(
+    "--prices",
+    "prices_file",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    default=None,
+    envvar="SSERELAY_PRICES",
+    metavar="FILE",
+    help="TOML price list: [MODEL] input = ..., output = ... (per 1M tokens).",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    envvar="SSERELAY_CONNECT_TIMEOUT",
+    metavar="SECONDS",
+    help="Give up on an upstream that does not accept the connection this fast.",
+)
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    envvar="SSERELAY_READ_TIMEOUT",
+    metavar="SECONDS",
+    help="Give up on an upstream that sends nothing for this long.",
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    envvar="SSERELAY_ONCE",
+    help="Exit when the first proxied request ends, with its bill and exit code.",
+)
+@_common_options
+def proxy(
+    upstream: str,
+    upstream_headers: list[tuple[str, str]],
+    payload: str,
+    keep_comments: bool,
+    include_usage: bool,
+    prices_file: str | None,
+    connect_timeout: float,
+    read_timeout: float,
+    once: bool,
+    host: str,
+    port: int,
+    as_json: bool,
+    quiet: bool,
+    tokenizer: str,
+    price: float | None,
+    heartbeat: float,
+    no_ids: bool,
+) -> None:
+    """Relay a streaming upstream (an LLM API) to local clients, metering every token.
+
+    Each request is forwarded to the upstream and its answer relayed the moment
+    it arrives: SSE event by event, NDJSON and other bodies chunk by chunk. The
+    meter counts the text inside OpenAI, Responses, Anthropic, Ollama and
+    Gemini payloads and records the usage the upstream reports. A client that
+    hangs up gets its upstream connection closed at once. Each finished request
+    prints a receipt on stderr; Ctrl-C prints the total bill. Upstream ids are
+    relayed as they are (--no-ids has no effect here); /healthz is answered
+    locally.
+
+    \b
+    Example:
+      sserelay proxy --upstream https://api.openai.com/v1 \\
+          --upstream-header "Authorization: Bearer $OPENAI_API_KEY"
+      OPENAI_BASE_URL=http://127.0.0.1:8000/ python my_app.py
+    """
+    from rich.console import Console
+
+    from .prices import PriceList, PriceListError
+    from .tokens import get_tokenizer
+    from .upstream import Timeouts, Upstream
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        counter = get_tokenizer(tokenizer)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="'--tokenizer'") from None
+    price_list = None
+    if prices_file is not None:
+        try:
+            with open(prices_file, encoding="utf-8") as file:
+                price_list = PriceList.from_toml(file.read())
+        except (OSError, UnicodeDecodeError, PriceListError) as exc:
+            raise click.BadParameter(f"{prices_file}: {exc}", param_hint="'--prices'") from None
+    try:
+        target = Upstream(
+            upstream,
+            headers=upstream_headers,
+            timeouts=Timeouts(connect=connect_timeout, read=read_timeout),
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--upstream'") from None
+    run = _ProxyRun(console, target, counter, price, price_list, quiet)
+    options = {
+        "payload": payload,
+        "keep_comments": keep_comments,
+        "include_usage": include_usage,
+        "heartbeat": heartbeat or None,
+        "once": once,
+    }
+    bill, error, signum = run.start(host, port, options)
+    _finish(console, bill, error, signum, as_json)
+
+
+class _ProxyRun:
+    """Wires upstream, meter, proxy endpoint, server and display for one `proxy` run."""
+
+    def __init__(
+        self,
+        console: Console,
+        upstream: Any,
+        tokenizer: Any,
+        price: float | None,
+        prices: Any,
+        quiet: bool,
+    ) -> None:
+        self.console = console
+        self.upstream = upstream
+        self.tokenizer = tokenizer
+        self.price = price
+        self.prices = prices
+        self.quiet = quiet
+
+    def start(
+        self, host: str, port: int, options: dict[str, Any]
+    ) -> tuple[Bill, str | None, int | None]:
+        from .server import ListenError, listen
+
+        try:
+            sock = listen(host, port)
+        except ListenError as exc:
+            _fail(self.console, str(exc), EXIT_ERROR)
+        try:
+            return asyncio.run(self._run(sock, options))
+        except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
+            sys.exit(EXIT_CODES["interrupted"])
+
+    async def _run(self, sock: Any, options: dict[str, Any]) -> tuple[Bill, str | None, int | None]:
+        import time
+
+        from .display import LiveCounter, format_active, format_receipt
+        from .meter import ClientMeter, Meter
+        from .proxy import Proxy, create_proxy_app
+        from .server import bound_address, serve_app
+
+        meter = Meter(self.tokenizer.name, self.price)
+        once = bool(options["once"])
+
+        def on_finished(client: ClientMeter, error: str | None) -> None:
+            if self.quiet:
+                return
+            receipt = format_receipt(client.bill(time.monotonic(), self.price), error)
+            self.console.print(f"sserelay: {receipt}", highlight=False, markup=False)
+
+        proxy = Proxy(
+            self.upstream,
+            meter,
+            tokenizer=self.tokenizer,
+            prices=self.prices,
+            on_finished=on_finished if not once else self._once_receipt(on_finished),
+            **options,
+        )
+        signals: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            signals.append(signum)
+            proxy.interrupt()
+
+        def rows() -> list[str]:
+            now = time.monotonic()
+            active = [format_active(c, now) for c in meter.clients if c.active]
+            return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
+
+        live = LiveCounter(self.console, meter.totals, quiet=self.quiet, rows=rows)
+
+        def on_ready() -> None:
+            self.console.print(
+                f"sserelay: serving on {bound_address(sock).url}", highlight=False, markup=False
+            )
+            self.console.print(
+                f"sserelay: proxying to {self.upstream.display}", highlight=False, markup=False
+            )
+            live.start()
+
+        try:
+            await serve_app(
+                create_proxy_app(proxy),
+                sock,
+                finished=proxy.finished,
+                on_signal=on_signal,
+                on_ready=on_ready,
+            )
+        finally:
+            await live.stop()
+            await self.upstream.aclose()
+        bill = meter.bill(proxy.reason or "interrupted")
+        return bill, proxy.error, signals[0] if signals else None
+
+    @staticmethod
+    def _once_receipt(
+        on_finished: Callable[[Any, str | None], None],
+    ) -> Callable[[Any, str | None], None]:
+        # With --once the run's error line says it; the receipt need not say it twice.
+        return lambda client, error: on_finished(client, None)
 
 
 def _fail(console: Console, message: str, code: int) -> None:

@@ -78,11 +78,13 @@ async def serve_app(
     *,
     finished: asyncio.Event,
     on_signal: Callable[[int], None],
+    on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve `app` on `sock` until `finished` is set, then shut down promptly.
 
     SIGINT and SIGTERM call `on_signal`, which is expected to end the open
-    streams and set `finished`; a second signal stops at once."""
+    streams and set `finished`; a second signal stops at once. `on_ready` runs
+    once the signal handlers are in place, so a signal after it is never lost."""
     config = uvicorn.Config(
         app,
         http="httptools",
@@ -105,12 +107,13 @@ async def serve_app(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, handle, signum)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
+    ending = asyncio.create_task(finished.wait())
     try:
-        await asyncio.wait(
-            {serving, asyncio.create_task(finished.wait())}, return_when=asyncio.FIRST_COMPLETED
-        )
+        on_ready()
+        await asyncio.wait({serving, ending}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
         await serving
     finally:
+        ending.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

@@ -178,8 +178,11 @@ class UpstreamResponse:
         self.status = response.status_code
         self.reason = response.reason_phrase
         self.bytes_received = 0
-        # The body reaches the client decoded (see chunks()), so its coding goes.
-        self.headers: Headers = end_to_end(response.headers.raw, drop=(b"content-encoding",))
+        # The body reaches the client decoded (see chunks()), so its coding goes, and
+        # with it a length that counted the coded bytes.
+        coded = response.headers.get("content-encoding", "identity").lower() != "identity"
+        drop = (b"content-encoding", b"content-length") if coded else (b"content-encoding",)
+        self.headers: Headers = end_to_end(response.headers.raw, drop=drop)
 
     @property
     def content_type(self) -> str:

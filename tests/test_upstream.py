@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import re
 import socket
 import time
@@ -290,3 +291,31 @@ def test_added_headers_replace_the_clients_and_the_body_is_asked_for_uncompresse
     assert "accept-encoding: identity\r\n" in head
     assert "host: 127.0.0.1:" in head and "proxy:8000" not in head
     assert "x-kept: yes\r\n" in head
+
+
+def test_a_compressed_body_is_decoded_and_loses_its_coded_length() -> None:
+    body = gzip.compress(b"data: hello\n\n")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n"
+            b"content-type: text/event-stream\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> tuple[list[tuple[bytes, bytes]], bytes]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = Upstream(f"http://127.0.0.1:{port}/")
+        try:
+            response = await upstream.open("GET", b"/", b"", [], b"")
+            return response.headers, b"".join([c async for c in response.chunks()])
+        finally:
+            await upstream.aclose()
+            server.close()
+
+    headers, decoded = run(scenario())
+    assert decoded == b"data: hello\n\n"
+    assert headers == [(b"content-type", b"text/event-stream")]
