@@ -79,19 +79,26 @@ async def encode_chunks(
     """One event per chunk, numbered from `first_id` unless `ids` is false;
     each batch of chunks that were ready together becomes one Frames."""
     next_id = first_id
-    async for batch in batches:
-        if not batch:
-            continue
-        tokens = 0
-        parts: list[bytes] = []
-        for chunk in batch:
-            tokens += count(chunk)
-            if ids:
-                parts.append(encode_data(chunk, str(next_id)))
-                next_id += 1
-            else:
-                parts.append(encode_data(chunk))
-        yield Frames(parts[0] if len(parts) == 1 else b"".join(parts), len(parts), tokens)
+    source = aiter(batches)
+    try:
+        async for batch in source:
+            if not batch:
+                continue
+            tokens = 0
+            parts: list[bytes] = []
+            for chunk in batch:
+                tokens += count(chunk)
+                if ids:
+                    parts.append(encode_data(chunk, str(next_id)))
+                    next_id += 1
+                else:
+                    parts.append(encode_data(chunk))
+            yield Frames(parts[0] if len(parts) == 1 else b"".join(parts), len(parts), tokens)
+
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def stream_sse(
@@ -137,13 +144,14 @@ async def relay_frames(
         await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         # Whatever ended the race (the source, the client, or a cancel from
-        # outside), the other side stops now: a gone client stops the reads.
+        # outside), the other side stops now: a gone client stops the reads,
+        # and the source is closed even if the pump stopped between reads.
         for task in (pump, watcher):
-            if not task.done():
-                task.cancel()
-        for task in (pump, watcher):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            task.cancel()
+        await asyncio.wait({pump, watcher})
+        aclose = getattr(frames, "aclose", None)
+        if aclose is not None:
+            await aclose()
     if pump.cancelled() or isinstance(pump.exception(), _Gone):
         raise ClientDisconnected(client.tokens)
     pump.result()  # re-raises a source error

@@ -14,7 +14,6 @@ from typing import TypeVar, cast
 
 import pytest
 
-from sserelay import stream as stream_module
 from sserelay.errors import ClientDisconnected, NoFlushError, SourceError
 from sserelay.meter import ClientMeter, Meter
 from sserelay.sse import Event, SSEDecoder
@@ -34,10 +33,6 @@ T = TypeVar("T")
 #: Long enough for any honest run on a loaded machine, short enough to fail fast.
 DEADLINE = 5.0
 
-# The private exception stream.py uses between its pump and relay_frames(); see the xfails
-# below. getattr, so a fix that deletes it turns those tests into strict XPASSes, not an
-# import error.
-LEAKED_GONE: type[BaseException] = getattr(stream_module, "_Gone", AssertionError)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -296,16 +291,6 @@ def test_count_is_pluggable() -> None:
 # --------------------------------------------------------------------------- disconnects
 
 
-@pytest.mark.xfail(
-    raises=LEAKED_GONE,
-    reason=(
-        "relay_frames() leaks its private _Gone instead of ClientDisconnected: once the client "
-        "has gone, the pump's next flush() returns False, _pump raises _Gone, and the finally "
-        "block's `await task` re-raises it before the `isinstance(pump.exception(), _Gone)` "
-        "check is reached"
-    ),
-    strict=True,
-)
 def test_client_gone_stops_an_endless_source_and_bills_what_was_flushed() -> None:
     log = SourceLog()
 
@@ -365,16 +350,6 @@ def test_client_gone_while_the_source_waits_closes_it(heartbeat: float | None) -
     assert "3 tokens" in str(disconnected)
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    reason=(
-        "a client that leaves while a flush() is stuck (TCP backpressure) leaves the source "
-        "generator open: relay_frames() cancels the pump inside sink.flush(), where the source "
-        "is suspended at a `yield`, and nothing calls aclose() on it; its finally runs only "
-        "when the loop shuts down its async generators"
-    ),
-    strict=True,
-)
 def test_client_gone_during_a_stuck_write_closes_the_source() -> None:
     log = SourceLog()
 
@@ -400,14 +375,6 @@ def test_client_gone_during_a_stuck_write_closes_the_source() -> None:
     run(scenario())
 
 
-@pytest.mark.xfail(
-    raises=LEAKED_GONE,
-    reason=(
-        "relay_frames() leaks its private _Gone instead of ClientDisconnected when flush() "
-        "returns False: _pump raises _Gone and the finally block's `await task` re-raises it"
-    ),
-    strict=True,
-)
 def test_flush_refused_is_client_disconnected_and_that_write_is_not_billed() -> None:
     client = new_client()
 

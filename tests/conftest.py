@@ -1,0 +1,138 @@
+"""Fixtures that start the real `sserelay` CLI as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "tokens.txt"
+_SERVING = re.compile(r"sserelay: serving on (http://\S+/)")
+
+
+@dataclass
+class Relay:
+    """A running `sserelay` process; stderr is drained by a thread so it never blocks."""
+
+    proc: subprocess.Popen[bytes]
+    url: str = ""
+    stderr_lines: list[str] = field(default_factory=list)
+
+    @property
+    def stdin(self) -> IO[bytes]:
+        assert self.proc.stdin is not None
+        return self.proc.stdin
+
+    def feed(self, text: str | bytes) -> None:
+        """Write to the relay's stdin and flush, so the line is there now."""
+        self.stdin.write(text.encode() if isinstance(text, str) else text)
+        self.stdin.flush()
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stdout(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.read().decode()
+
+    def bill(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The JSON bill (the relay must run with --json), once it has exited."""
+        self.wait(timeout)
+        bill: dict[str, Any] = json.loads(self.stdout())
+        return bill
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+
+def _drain(stream: IO[bytes], lines: list[str], ready: threading.Event, relay: Relay) -> None:
+    for raw in stream:
+        line = raw.decode(errors="replace")
+        lines.append(line)
+        match = _SERVING.search(line)
+        if match and not relay.url:
+            relay.url = match.group(1)
+            ready.set()
+    ready.set()
+
+
+def start_relay(
+    *args: str,
+    stdin: int | IO[Any] | None = subprocess.PIPE,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+) -> Relay:
+    """Run `python -m sserelay ARGS` (with `--port 0` unless a port is given)."""
+    argv = [sys.executable, "-m", "sserelay", *args]
+    if "--port" not in args and not (env and "SSERELAY_PORT" in env):
+        argv += ["--port", "0"]
+    proc = subprocess.Popen(
+        argv,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    relay = Relay(proc)
+    ready = threading.Event()
+    assert proc.stderr is not None
+    threading.Thread(
+        target=_drain, args=(proc.stderr, relay.stderr_lines, ready, relay), daemon=True
+    ).start()
+    if wait_ready:
+        ready.wait(timeout=15)
+        if not relay.url:
+            proc.kill()
+            raise AssertionError(f"sserelay did not start: {relay.stderr}")
+    return relay
+
+
+@pytest.fixture
+def relays() -> Iterator[list[Relay]]:
+    """Collects relays started by a test and kills any still running at the end."""
+    started: list[Relay] = []
+    yield started
+    for relay in started:
+        if relay.proc.poll() is None:
+            relay.proc.send_signal(signal.SIGKILL)
+            relay.proc.wait(timeout=5)
+        for pipe in (relay.proc.stdin, relay.proc.stdout, relay.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def relay(relays: list[Relay]) -> Iterator[Any]:
+    """`relay(*args, **kw)` starts `sserelay ARGS` and returns the running Relay."""
+
+    def start(*args: str, **kwargs: Any) -> Relay:
+        started = start_relay(*args, **kwargs)
+        relays.append(started)
+        return started
+
+    yield start
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll `predicate` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
