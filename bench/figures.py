@@ -182,8 +182,9 @@ async def latency(contender: Contender, settings: Settings) -> Outcome:
 
 async def _connect_all(port: int, count: int, *, stamped: bool) -> list[SSEClient]:
     """Open `count` streams, 100 at a time so no listen backlog overflows, and wait
-    for each response head (the server has subscribed the client)."""
+    for each response head (the server has subscribed the client); 30 s in all."""
     gate = asyncio.Semaphore(100)
+    deadline = time.monotonic() + 30
 
     async def one() -> SSEClient | None:
         async with gate:
@@ -192,7 +193,8 @@ async def _connect_all(port: int, count: int, *, stamped: bool) -> list[SSEClien
             except OSError:
                 return None
             try:
-                await asyncio.wait_for(asyncio.shield(client.headers_received), 20)
+                left = max(0.0, deadline - time.monotonic())
+                await asyncio.wait_for(asyncio.shield(client.headers_received), left)
             except Exception:
                 client.close()
                 return None

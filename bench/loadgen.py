@@ -77,6 +77,8 @@ class SSEClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # Stamp first: everything below is the client's own cost, not the server's.
         now = time.monotonic_ns()
+        if self.done.done():  # e.g. the last-chunk's trailing CRLF, in a read of its own
+            return
         if not self._in_body:
             self._head += data
             end = self._head.find(b"\r\n\r\n")
