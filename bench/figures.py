@@ -212,6 +212,7 @@ async def fanout(contender: Contender, settings: Settings) -> Outcome:
     count = round(settings.fanout_rate * settings.fanout_seconds)
     warm = min(10, settings.clients // 10)  # first connections pay one-off costs; not per-client
     clients: list[SSEClient] = []
+    cpu: CPUMeter | None = None
     async with producing(settings.fanout_rate, count) as feed:
         command = contender.command("-", keep=True)
         async with running(command, stdin=feed.stdin, expect_exit=contender.exits) as server:
@@ -225,22 +226,23 @@ async def fanout(contender: Contender, settings: Settings) -> Outcome:
                 rss_full = server.rss_bytes()
                 if len(clients) < settings.clients:
                     return Outcome(note=f"only {len(clients)} of {settings.clients} connected")
-                cpu_start, wall_start = server.cpu_seconds(), time.monotonic()
+                cpu = CPUMeter(server)
                 feed.go()
                 deadline = settings.fanout_seconds + 15
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         asyncio.gather(*(asyncio.shield(c.done) for c in clients)), deadline
                     )
-                cpu = _cpu_percent(server, cpu_start, wall_start)
             finally:
+                if cpu is not None:
+                    await cpu.stop()
                 for client in clients:
                     client.close()
     lags = [lag for client in clients for lag in client.stats.lags_ns]
     delivered = len(lags) / (count * len(clients))
     metrics = _lag_metrics(lags, "lag_") if lags else {}
     metrics |= {
-        "cpu_pct": cpu,
+        "cpu_pct": cpu.percent if cpu else float("nan"),
         "delivered_pct": 100 * delivered,
         "kib_per_client": (rss_full - rss_base) / (len(clients) - warm) / 1024,
     }
@@ -248,10 +250,35 @@ async def fanout(contender: Contender, settings: Settings) -> Outcome:
     return Outcome(metrics, note)
 
 
-def _cpu_percent(server: Server, cpu_start: float, wall_start: float) -> float:
-    with contextlib.suppress(OSError):  # the server may have exited at EOF already
-        return 100 * (server.cpu_seconds() - cpu_start) / (time.monotonic() - wall_start)
-    return float("nan")
+class CPUMeter:
+    """The server's CPU use from now on, as % of one core. Sampled every 100 ms, so a
+    server that exits at the end of its stream is still measured up to its last moment."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.start = (server.cpu_seconds(), time.monotonic())
+        self.last = self.start
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            self._read()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, IndexError, ValueError):  # gone, or a zombie
+            self.last = (self.server.cpu_seconds(), time.monotonic())
+
+    async def stop(self) -> None:
+        self._read()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    @property
+    def percent(self) -> float:
+        wall = self.last[1] - self.start[1]
+        return 100 * (self.last[0] - self.start[0]) / wall if wall > 0 else float("nan")
 
 
 # -- 5. proxy ------------------------------------------------------------------

@@ -245,18 +245,24 @@ async def running(
     seen = b""
     server: Server | None = None
     try:
-        async with asyncio.timeout(timeout):
-            while server is None:
-                line = await process.stderr.readline()
-                if not line:
-                    await process.wait()
-                    raise ServerError(
-                        f"exited {process.returncode} before serving: "
-                        f"{seen.decode(errors='replace').strip()[-300:]}"
-                    )
-                seen += line
-                if match := ANNOUNCE.search(line):
-                    server = Server(process, int(match.group(1)))
+        try:
+            async with asyncio.timeout(timeout):
+                while server is None:
+                    line = await process.stderr.readline()
+                    if not line:
+                        await process.wait()
+                        raise ServerError(
+                            f"exited {process.returncode} before serving: "
+                            f"{seen.decode(errors='replace').strip()[-300:]}"
+                        )
+                    seen += line
+                    if match := ANNOUNCE.search(line):
+                        server = Server(process, int(match.group(1)))
+        except TimeoutError:
+            raise ServerError(
+                f"no 'serving on' line within {timeout:.0f} s: "
+                f"{seen.decode(errors='replace').strip()[-300:]!r}"
+            ) from None
         server._drain()
         yield server
     finally:
