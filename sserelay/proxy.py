@@ -155,15 +155,19 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        # Used only if something unforeseen escapes _forward(): the request is still
+        # billed and --once still ends, rather than waiting for a request that is gone.
+        outcome: tuple[str, str | None] = ("upstream_error", "the proxy failed unexpectedly")
         try:
-            reason, error = await self._forward(scope, receive, send, client)
+            outcome = await self._forward(scope, receive, send, client)
         finally:
             self._tasks.discard(task)
-        client.close(reason)
-        error = None if error is None else self.redact(error)
-        self.on_finished(client, error)
-        if self.once:
-            self._finish(reason, error)
+            reason, error = outcome
+            client.close(reason)
+            error = None if error is None else self.redact(error)
+            self.on_finished(client, error)
+            if self.once:
+                self._finish(reason, error)
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, client: ClientMeter
