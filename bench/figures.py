@@ -26,6 +26,7 @@ class Outcome:
 
     metrics: dict[str, float] = field(default_factory=dict)
     note: str | None = None
+    samples_ns: list[int] = field(default_factory=list, repr=False)  # latency, for pooling
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Settings:
     lines: int = 1_000_000
     latency_lines: int = 2000
     latency_rate: float = 1000.0
+    latency_rounds: int = 3
     clients: int = 1000
     fanout_rate: float = 100.0
     fanout_seconds: float = 5.0
@@ -171,10 +173,23 @@ async def latency(contender: Contender, settings: Settings) -> Outcome:
     lags = client.stats.lags_ns
     if not lags:
         return Outcome(note="no events received")
-    outcome = Outcome(_lag_metrics(lags))
+    outcome = Outcome(_lag_metrics(lags), samples_ns=lags)
     if len(lags) < count:
         outcome.note = f"got {len(lags)} of {count} events"
     return outcome
+
+
+def merge_rounds(outcomes: list[Outcome]) -> Outcome:
+    """One contender's rounds of a figure as one outcome: latency samples are pooled
+    (percentiles over every event of every round); any note is kept."""
+    if len(outcomes) == 1:
+        return outcomes[0]
+    notes = sorted({o.note for o in outcomes if o.note})
+    samples = [lag for o in outcomes for lag in o.samples_ns]
+    if not samples:
+        return Outcome(note="; ".join(notes) or "no samples")
+    metrics = _lag_metrics(samples) | {"rounds": float(len(outcomes))}
+    return Outcome(metrics, "; ".join(notes) or None, samples)
 
 
 # -- 3 + 4. fan-out and memory -------------------------------------------------

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from figures import FIGURES, Outcome, Settings, write_lines_file
+from figures import FIGURES, Outcome, Settings, merge_rounds, write_lines_file
 from lineup import BENCH, NAMES, Contender, discover, kill_leftovers, workdir
 from report import Results, build, render
 
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lines", type=int, help="throughput lines (1,000,000; quick 100,000)")
     parser.add_argument("--latency-lines", type=int, help="latency lines at 1 kHz (2000; 500)")
+    parser.add_argument(
+        "--latency-rounds", type=int, help="latency runs per contender, pooled (3; 1)"
+    )
     parser.add_argument("--clients", type=int, help="fan-out clients (1000; 200)")
     parser.add_argument("--fanout-seconds", type=float, help="fan-out stream length (5; 2)")
     parser.add_argument("--proxy-trials", type=int, help="proxy trials (100; 10)")
@@ -88,6 +91,7 @@ def settings_for(args: argparse.Namespace, where: Path) -> Settings:
         workdir=where,
         lines=pick(args.lines, 1_000_000, 100_000),
         latency_lines=pick(args.latency_lines, 2000, 500),
+        latency_rounds=pick(args.latency_rounds, 3, 1),
         clients=pick(args.clients, 1000, 200),
         fanout_seconds=pick(args.fanout_seconds, 5.0, 2.0),
         proxy_trials=pick(args.proxy_trials, 100, 10),
@@ -123,21 +127,27 @@ async def bench(args: argparse.Namespace, settings: Settings) -> tuple[list[Cont
         write_lines_file(settings.lines_file, settings.lines)
     results: Results = {}
     for figure in args.figures:
-        results[figure] = {}
-        for contender in lineup:
-            if not contender.available:
-                assert contender.note is not None
-                results[figure][contender.name] = Outcome(note=contender.note)
-                continue
-            started = time.monotonic()
-            try:
-                # A hung contender must not hang the bench: every figure is bounded.
-                outcome = await asyncio.wait_for(FIGURES[figure](contender, settings), 240)
-            except Exception as exc:
-                outcome = Outcome(note=f"error: {type(exc).__name__}: {exc}"[:300])
-            results[figure][contender.name] = outcome
-            took = time.monotonic() - started
-            log(f"{figure:>10} {contender.name:<13} {took:5.1f} s  {_summary(outcome)}")
+        runnable = [c for c in lineup if c.available]
+        rounds: dict[str, list[Outcome]] = {c.name: [] for c in runnable}
+        count = settings.latency_rounds if figure == "latency" else 1
+        for index in range(count):
+            # Rotate the order each round, so a burst of other work on the machine
+            # does not always land on the same contender.
+            shift = index % len(runnable) if runnable else 0
+            for contender in runnable[shift:] + runnable[:shift]:
+                started = time.monotonic()
+                try:
+                    # A hung contender must not hang the bench: every figure is bounded.
+                    outcome = await asyncio.wait_for(FIGURES[figure](contender, settings), 240)
+                except Exception as exc:
+                    outcome = Outcome(note=f"error: {type(exc).__name__}: {exc}"[:300])
+                rounds[contender.name].append(outcome)
+                took = time.monotonic() - started
+                log(f"{figure:>10} {contender.name:<13} {took:5.1f} s  {_summary(outcome)}")
+        results[figure] = {
+            c.name: merge_rounds(rounds[c.name]) if c.available else Outcome(note=c.note)
+            for c in lineup
+        }
     return lineup, results
 
 
