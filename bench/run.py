@@ -1,6 +1,6 @@
 """Benchmark sserelay against the stacks a user would otherwise pick, in one run.
 
-    python bench/run.py            # the full run: a few minutes on 2 cores
+    python bench/run.py            # the full run: about 2 minutes on 2 cores
     python bench/run.py --quick    # smaller loads, well under a minute
 
 Starts each contender on a free 127.0.0.1 port, drives it with the same
@@ -23,13 +23,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from figures import FIGURES, Outcome, Settings, merge_rounds, write_lines_file
 from lineup import BENCH, NAMES, Contender, discover, kill_leftovers, workdir
 from report import Results, build, render
 
+T = TypeVar("T")
 ALIASES = {"memory": "fanout"}  # memory is measured in the fan-out session
 
 
@@ -151,16 +153,21 @@ async def bench(args: argparse.Namespace, settings: Settings) -> tuple[list[Cont
     return lineup, results
 
 
-def _loop_runner() -> Any:
+def _run(main: Coroutine[Any, Any, T]) -> T:
     # uvloop when installed: the lighter the load generator, the more the numbers are the server's.
     try:
         import uvloop
     except ImportError:
-        return asyncio.run
-    return uvloop.run
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
-def _meta(args: argparse.Namespace, settings: Settings, lineup: list[Contender]) -> dict[str, Any]:
+def _meta(
+    args: argparse.Namespace,
+    settings: Settings,
+    lineup: list[Contender],
+    load_before: tuple[float, float, float],
+) -> dict[str, Any]:
     go = shutil.which("go")
     go_version = (
         subprocess.run([go, "version"], capture_output=True, text=True, check=False).stdout.strip()
@@ -172,7 +179,7 @@ def _meta(args: argparse.Namespace, settings: Settings, lineup: list[Contender])
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "load_average_before": args.load_before,
+        "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "go": go_version,
         "quick": args.quick,
@@ -190,12 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_for(args, where)
     raise_fd_limit(settings.clients)
     # Other work on the machine shows up in every figure: record it, and say so.
-    args.load_before = os.getloadavg()
-    if args.load_before[0] > 0.5:
-        log(f"note: load average {args.load_before[0]:.2f} before the run; figures will be noisy")
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        log(f"note: load average {load_before[0]:.2f} before the run; figures will be noisy")
     started = time.monotonic()
     try:
-        lineup, results = _loop_runner()(bench(args, settings))
+        lineup, results = _run(bench(args, settings))
     finally:
         kill_leftovers()
         shutil.rmtree(where, ignore_errors=True)
@@ -203,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, footnotes = build(results, names)
     print(render(rows, footnotes, names), flush=True)
     document = {
-        "meta": _meta(args, settings, lineup) | {"seconds": time.monotonic() - started},
+        "meta": _meta(args, settings, lineup, load_before)
+        | {"seconds": time.monotonic() - started},
         "rows": rows,
         "footnotes": footnotes,
         "figures": {
