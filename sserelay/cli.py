@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import sys
@@ -192,14 +191,14 @@ class _ServeRun:
     def start(
         self, host: str, port: int, heartbeat: float | None, ids: bool
     ) -> tuple[Bill, str | None, int | None]:
-        from .server import ListenError, listen
+        from .server import ListenError, listen, run_event_loop
 
         try:
             sock = listen(host, port)
         except ListenError as exc:
             _fail(self.console, str(exc), EXIT_ERROR)
         try:
-            return asyncio.run(self._run(sock, heartbeat, ids))
+            return run_event_loop(self._run(sock, heartbeat, ids))
         except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
             sys.exit(EXIT_CODES["interrupted"])
 
@@ -431,14 +430,14 @@ class _ProxyRun:
     def start(
         self, host: str, port: int, options: dict[str, Any]
     ) -> tuple[Bill, str | None, int | None]:
-        from .server import ListenError, listen
+        from .server import ListenError, listen, run_event_loop
 
         try:
             sock = listen(host, port)
         except ListenError as exc:
             _fail(self.console, str(exc), EXIT_ERROR)
         try:
-            return asyncio.run(self._run(sock, options))
+            return run_event_loop(self._run(sock, options))
         except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
             sys.exit(EXIT_CODES["interrupted"])
 
