@@ -18,7 +18,7 @@ SOURCE = Path(__file__).resolve().parent.parent / PACKAGE
 #: Modules of the pure layers (wire, metering, formats): sans-IO, testable without sockets.
 PURE = [
     name
-    for name in ("sse", "tokens", "meter", "chunking", "errors", "formats")
+    for name in ("sse", "tokens", "meter", "chunking", "errors", "formats", "providers")
     if (SOURCE / f"{name}.py").exists()
 ]
 #: What the pure layers may never import: an event loop, the network, the HTTP stack, the face.
