@@ -28,6 +28,8 @@ from .errors import ClientDisconnected, UpstreamError, UpstreamTimeout
 from .formats import PayloadMeter
 from .meter import ClientMeter, Meter
 from .prices import PriceList
+from .recorder import Recorder
+from .recording import Header
 from .relays import BodyRelay, EventRelay, LineRelay
 from .stream import Frames, relay_frames
 from .tokens import Tokenizer
@@ -102,6 +104,7 @@ class Proxy:
         prices: PriceList | None = None,
         once: bool = False,
         on_finished: OnFinished = lambda client, error: None,
+        recorder: Recorder | None = None,
     ) -> None:
         PayloadMeter(payload)  # an unknown kind is a ValueError now, not per request
         self.upstream = upstream
@@ -114,6 +117,7 @@ class Proxy:
         self.prices = prices
         self.once = once
         self.on_finished = on_finished
+        self.recorder = recorder
         self.finished = asyncio.Event()
         self.reason: str | None = None
         self.error: str | None = None
@@ -178,6 +182,7 @@ class Proxy:
         response: UpstreamResponse | None = None
         relay: Relay | None = None
         frames: AsyncGenerator[Frames, None] | None = None
+        recorder = self.recorder if self.recorder is not None and self.recorder.claim() else None
         try:
             body = await _read_body(receive)
             if body is None:
@@ -206,7 +211,13 @@ class Proxy:
             sink.status = response.status
             relay, headers = self._relay_for(response, strip_usage)
             progress = _Progress()
-            frames = self._frames(response, relay, client, progress)
+            if recorder is not None:
+                recorder.start(
+                    Header(scope["method"], scope["path"], response.status, response.content_type)
+                )
+            frames = self._frames(
+                response, relay, client, progress, None if recorder is None else recorder.write
+            )
             try:
                 await relay_frames(
                     sink,
@@ -290,9 +301,15 @@ class Proxy:
         return LineRelay(payload, self.tokenizer, text=text), headers
 
     async def _frames(
-        self, response: UpstreamResponse, relay: Relay, client: ClientMeter, progress: _Progress
+        self,
+        response: UpstreamResponse,
+        relay: Relay,
+        client: ClientMeter,
+        progress: _Progress,
+        record: Callable[[bytes], None] | None = None,
     ) -> AsyncGenerator[Frames, None]:
-        """What each upstream read completes, for relay_frames() to write in one flush."""
+        """What each upstream read completes, for relay_frames() to write in one
+        flush; `record` is given each write once the client has it."""
         payload = relay.payload
         async for chunk in response.chunks():
             frames = relay.decode(chunk)
@@ -302,6 +319,8 @@ class Proxy:
                 yield frames
                 # relay_frames asks for more only once these were flushed to the client.
                 progress.end_delivered = payload.done
+                if record is not None:
+                    record(frames.payload)
             if relay.failure is not None:
                 raise relay.failure
         tail = relay.flush()
