@@ -1,13 +1,28 @@
-"""Split a byte stream into text chunks, one per line: sans-IO.
+"""Split a byte stream into text chunks (one event each): sans-IO.
 
-Line ends are LF, CRLF or a lone CR (a CR at the end of one read and its LF at
-the start of the next are one line end). Line ends are not part of the chunk.
-Bytes that are not UTF-8 are replaced with U+FFFD and counted, never fatal.
-A line may be any length: a line still being read is kept as a list of
-pieces, so a 50 MB line costs one join, not a copy per read.
+Three ways (`--chunk`), each a splitter with `decode(data) -> list[str]` for
+the chunks a read completes and `flush() -> list[str]` at the end of input:
+
+- `line` (LineSplitter): one chunk per line. Line ends are LF, CRLF or a lone
+  CR (a CR at the end of one read and its LF at the start of the next are one
+  line end) and are not part of the chunk.
+- `word` (WordSplitter): one chunk per whitespace-delimited word, with the
+  whitespace before it kept, as model deltas look (`"Hello"`, `" world"`).
+- `raw` (ReadSplitter): one chunk per read, as it arrived.
+
+Bytes that are not UTF-8 are replaced with U+FFFD and counted, never fatal; a
+character split across two reads is whole. A line or word may be any length:
+one still being read is kept as a list of pieces, so a 50 MB line costs one
+join, not a copy per read.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Protocol
+
+#: The `--chunk` modes.
+CHUNK_MODES = ("line", "word", "raw")
 
 
 def decode_utf8(raw: bytes) -> tuple[str, int]:
@@ -73,3 +88,128 @@ class LineSplitter:
                 self.invalid_utf8_bytes += invalid
                 lines.append(text)
             return lines
+
+
+class Splitter(Protocol):
+    """Turns reads into chunks; see the module docstring."""
+
+    @property
+    def invalid_utf8_bytes(self) -> int: ...
+
+    def decode(self, data: bytes) -> list[str]: ...
+
+    def flush(self) -> list[str]: ...
+
+
+def _complete_prefix(data: bytes) -> int:
+    """How much of `data` ends on a character boundary: a UTF-8 sequence cut
+    short by the end of the read is left for the next read."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: nothing pending
+            return len(data)
+        if byte >= 0xC0:  # a lead byte: does its whole sequence fit?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) - back if back < need and byte < 0xF8 else len(data)
+    return len(data)  # only continuation bytes: invalid, nothing to wait for
+
+
+class Utf8Stream:
+    """Incremental UTF-8: `decode(data)` returns the text of every character
+    completed so far; `flush()` decodes what is left (a truncated character
+    becomes U+FFFD). Any split of the input gives the same text and count of
+    invalid bytes as decoding it whole with decode_utf8()."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.invalid_utf8_bytes = 0
+
+    def decode(self, data: bytes) -> str:
+        if self._tail:
+            data = self._tail + data
+        cut = _complete_prefix(data)
+        self._tail = data[cut:]
+        return self._text(data if cut == len(data) else data[:cut])
+
+    def flush(self) -> str:
+        tail, self._tail = self._tail, b""
+        return self._text(tail)
+
+    def _text(self, raw: bytes) -> str:
+        text, invalid = decode_utf8(raw)
+        self.invalid_utf8_bytes += invalid
+        return text
+
+
+class ReadSplitter:
+    """`--chunk raw`: each read is one chunk, as it came (minus a character
+    that continues in the next read)."""
+
+    def __init__(self) -> None:
+        self._utf8 = Utf8Stream()
+
+    @property
+    def invalid_utf8_bytes(self) -> int:
+        return self._utf8.invalid_utf8_bytes
+
+    def decode(self, data: bytes) -> list[str]:
+        text = self._utf8.decode(data)
+        return [text] if text else []
+
+    def flush(self) -> list[str]:
+        text = self._utf8.flush()
+        return [text] if text else []
+
+
+# str.split() and re's \s agree on what whitespace is (both use str.isspace).
+_SPACE = re.compile(r"\s")
+_WORD = re.compile(r"\s*\S+")
+
+
+class WordSplitter:
+    """`--chunk word`: one chunk per word with the whitespace before it.
+
+    A word is complete once whitespace follows it, so a word split across reads
+    is one chunk (sent when the read after it starts with whitespace, or at the
+    end of input). Whitespace after the last word of the input is not sent."""
+
+    def __init__(self) -> None:
+        self._utf8 = Utf8Stream()
+        self._pending: list[str] = []  # whitespace and the start of a word, not yet complete
+
+    @property
+    def invalid_utf8_bytes(self) -> int:
+        return self._utf8.invalid_utf8_bytes
+
+    def decode(self, data: bytes) -> list[str]:
+        text = self._utf8.decode(data)
+        if not _SPACE.search(text):  # no word can have ended here
+            if text:
+                self._pending.append(text)
+            return []
+        if self._pending:
+            self._pending.append(text)
+            text = "".join(self._pending)
+        if text[-1].isspace():
+            end = len(text.rstrip())
+        else:  # the last word may go on in the next read
+            head = text.rsplit(maxsplit=1)
+            end = len(head[0]) if len(head) == 2 else 0
+        self._pending = [text[end:]] if end < len(text) else []
+        return _WORD.findall(text, 0, end)
+
+    def flush(self) -> list[str]:
+        text = "".join(self._pending) + self._utf8.flush()
+        self._pending = []
+        return _WORD.findall(text)
+
+
+def splitter_for(mode: str) -> Splitter:
+    """A fresh splitter for a `--chunk` mode (ValueError for an unknown one)."""
+    if mode == "line":
+        return LineSplitter()
+    if mode == "word":
+        return WordSplitter()
+    if mode == "raw":
+        return ReadSplitter()
+    raise ValueError(f"unknown chunk mode {mode!r} (known: {', '.join(CHUNK_MODES)})")

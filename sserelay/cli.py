@@ -40,6 +40,7 @@ Exit codes:
   3    client_disconnected: the client went away before the end
   4    upstream_error: the upstream failed
   5    input_error: the input could not be read
+  6    slow_client: the last client fell too far behind (--max-lag) and was cut off
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM
 """
 
@@ -124,11 +125,112 @@ def main() -> None:
     """
 
 
+def _serve_options(command: F) -> F:
+    """The options of `serve` only: chunking, pacing, the hub, access."""
+    from .chunking import CHUNK_MODES
+    from .hub import DEFAULT_HISTORY, DEFAULT_MAX_LAG
+
+    options = [
+        click.option(
+            "--chunk",
+            type=click.Choice(CHUNK_MODES),
+            default="line",
+            show_default=True,
+            envvar="SSERELAY_CHUNK",
+            help="One event per line, per word (with the whitespace before it, like model "
+            "deltas), or per read as it arrives (raw).",
+        ),
+        click.option(
+            "--rate",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            envvar="SSERELAY_RATE",
+            metavar="TOKENS_PER_S",
+            help="Pace the stream: each event waits for its tokens at this many tokens/s.",
+        ),
+        click.option(
+            "--delay",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            envvar="SSERELAY_DELAY",
+            metavar="SECONDS",
+            help="Pace the stream: wait this long between events.",
+        ),
+        click.option(
+            "--realtime",
+            is_flag=True,
+            envvar="SSERELAY_REALTIME",
+            help="Replay a recorded source with its recorded timing (plain text has none).",
+        ),
+        click.option(
+            "--keep",
+            is_flag=True,
+            envvar="SSERELAY_KEEP",
+            help="Serve until Ctrl-C: later clients get the history; the source is paused "
+            "while no client listens.",
+        ),
+        click.option(
+            "--history",
+            type=click.IntRange(min=0),
+            default=DEFAULT_HISTORY,
+            show_default=True,
+            envvar="SSERELAY_HISTORY",
+            metavar="EVENTS",
+            help="Keep the last EVENTS events for late clients and Last-Event-ID resumes.",
+        ),
+        click.option(
+            "--max-lag",
+            type=click.IntRange(min=1),
+            default=None,
+            envvar="SSERELAY_MAX_LAG",
+            metavar="EVENTS",
+            help=f"Cut off (slow_client) a client more than EVENTS events behind the newest "
+            f"[default: {DEFAULT_MAX_LAG} or --history, if larger].",
+        ),
+        click.option(
+            "--max-clients",
+            type=click.IntRange(min=1),
+            default=None,
+            envvar="SSERELAY_MAX_CLIENTS",
+            metavar="N",
+            help="At most N clients at once; more get 503.",
+        ),
+        click.option(
+            "--auth-token",
+            default=None,
+            envvar="SSERELAY_AUTH_TOKEN",
+            metavar="TOKEN",
+            help="Clients must send 'Authorization: Bearer TOKEN' or ?token=TOKEN, else 401.",
+        ),
+        click.option(
+            "--cors-origin",
+            default=None,
+            envvar="SSERELAY_CORS_ORIGIN",
+            metavar="ORIGIN",
+            help="Allow pages from ORIGIN (or *) to read the stream (Access-Control-Allow-Origin).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("source", required=False, default="-", metavar="[SOURCE]")
+@_serve_options
 @_common_options
 def serve(
     source: str,
+    chunk: str,
+    rate: float | None,
+    delay: float,
+    realtime: bool,
+    keep: bool,
+    history: int,
+    max_lag: int | None,
+    max_clients: int | None,
+    auth_token: str | None,
+    cors_origin: str | None,
     host: str,
     port: int,
     as_json: bool,
@@ -140,9 +242,13 @@ def serve(
 ) -> None:
     """Serve SOURCE (a file, or - / nothing for stdin) as a live SSE stream.
 
-    Each line becomes one event the moment it is read. The first client to
-    connect to / (or /events) gets the stream; when the stream ends or the
-    client leaves, the bill is printed on stdout and sserelay exits.
+    Each line (or word, or read: --chunk) becomes one event the moment it is
+    read. Every client that connects to / (or /events) gets the stream: the
+    source is read once, and a client that connects late, or comes back with
+    Last-Event-ID (or ?last_event_id=), first gets the events it missed from
+    the history. When the stream has ended and every client has finished, or
+    the last client leaves before the end, the bill is printed on stdout and
+    sserelay exits; with --keep it serves until Ctrl-C. /ui is a live page.
 
     \b
     Example:
@@ -151,8 +257,11 @@ def serve(
     """
     from rich.console import Console
 
+    from .app import Access
     from .errors import SourceError
-    from .sources import LineSource
+    from .hub import DEFAULT_MAX_LAG
+    from .pacing import Pacer
+    from .sources import TextSource
     from .tokens import get_tokenizer
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -160,17 +269,46 @@ def serve(
         counter = get_tokenizer(tokenizer)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0]), param_hint="'--tokenizer'") from None
+    if max_lag is None:
+        max_lag = max(DEFAULT_MAX_LAG, history)
+    elif max_lag < history:
+        raise click.BadParameter(
+            f"{max_lag} is less than --history {history}: a client replaying the history "
+            "starts that far behind",
+            param_hint="'--max-lag'",
+        )
+    if realtime and (rate is not None or delay):
+        raise click.UsageError("--realtime replays the recorded timing: drop --rate and --delay")
+    if auth_token is not None and not auth_token.strip():
+        raise click.BadParameter("the token is empty", param_hint="'--auth-token'")
     try:
-        line_source = LineSource(source)
+        text_source = TextSource(source, chunk)
     except SourceError as exc:
         _fail(console, str(exc), EXIT_CODES["input_error"])
-    run = _ServeRun(console, line_source, counter.name, counter.count, price, quiet)
+    if realtime and not text_source.timed:
+        raise click.UsageError(
+            f"--realtime replays a recording's timing; {text_source.name} is plain text, "
+            "which has none"
+        )
+    # A line is whole, so it is counted alone; words and raw reads are pieces
+    # of one text, counted over the joined text (a word split in two is one token).
+    count = counter.count if chunk == "line" else counter.counter().feed
+    run = _ServeRun(console, text_source, counter.name, count, price, quiet)
+    run.hub_options = {
+        "ids": not no_ids,
+        "history": history,
+        "max_lag": max_lag,
+        "pacer": Pacer(rate=rate, delay=delay, realtime=realtime),
+    }
+    run.keep = keep
+    run.access = Access(token=auth_token, max_clients=max_clients, cors_origin=cors_origin)
+    run.ui_settings = {"tokenizer": counter.name, "chunk": chunk}
     bill, error, signum = run.start(host, port, heartbeat or None, not no_ids)
     _finish(console, bill, error, signum, as_json)
 
 
 class _ServeRun:
-    """Wires source, meter, app, server and display for one `serve` run."""
+    """Wires source, hub, meter, app, server and display for one `serve` run."""
 
     def __init__(
         self,
@@ -187,6 +325,10 @@ class _ServeRun:
         self.count = count
         self.price = price
         self.quiet = quiet
+        self.hub_options: dict[str, Any] = {}
+        self.keep = False
+        self.access: Any = None
+        self.ui_settings: dict[str, str] = {}
 
     def start(
         self, host: str, port: int, heartbeat: float | None, ids: bool
@@ -205,13 +347,18 @@ class _ServeRun:
     async def _run(
         self, sock: Any, heartbeat: float | None, ids: bool
     ) -> tuple[Bill, str | None, int | None]:
-        from .app import StreamSession, create_app
+        import asyncio
+        import os
+
+        from .app import StreamSession, create_app, ui_page
         from .display import LiveCounter
+        from .hub import Hub
         from .meter import Meter
         from .server import bound_address, serve_app
 
         meter = Meter(self.tokenizer, self.price)
-        session = StreamSession(self.source, meter, count=self.count, ids=ids, heartbeat=heartbeat)
+        hub = Hub(self.source, count=self.count, **{"ids": ids, **self.hub_options})
+        session = StreamSession(hub, meter, heartbeat=heartbeat, keep=self.keep, access=self.access)
         signals: list[int] = []
 
         def on_signal(signum: int) -> None:
@@ -223,10 +370,17 @@ class _ServeRun:
         def on_ready() -> None:
             self.console.print(f"sserelay: serving on {bound_address(sock).url}", highlight=False)
             live.start()
+            if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
+                # For the leak tests only; not an option, not documented to users.
+                asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, print_tasks)
+
+        def print_tasks() -> None:
+            count = len(asyncio.all_tasks())
+            self.console.print(f"sserelay: debug: {count} tasks", highlight=False)
 
         try:
             await serve_app(
-                create_app(session),
+                create_app(session, ui=ui_page(**self.ui_settings)),
                 sock,
                 finished=session.finished,
                 on_signal=on_signal,
@@ -234,6 +388,7 @@ class _ServeRun:
             )
         finally:
             await live.stop()
+            await hub.aclose()
         bill = meter.bill(session.reason or "interrupted")
         return bill, session.error, signals[0] if signals else None
 

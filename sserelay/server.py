@@ -11,11 +11,13 @@ import contextlib
 import errno
 import signal
 import socket
+import struct
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import SSERelayError
 
@@ -77,6 +79,27 @@ def bound_address(sock: socket.socket) -> Address:
     return Address(host, port)
 
 
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus an ASGI extension `sserelay.abort`
+    whose `abort()` closes the connection at once with a reset.
+
+    A client that stops reading leaves a write waiting on a full socket; a
+    plain close would wait for that data to drain, forever. The hub's
+    slow-client cut-off needs the hard close; ASGI itself has none."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {"sserelay.abort": {"abort": self._abort}}
+
+    def _abort(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                # Linger 0: the close sends RST and drops the unsent data.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -100,7 +123,7 @@ async def serve_app(
     once the signal handlers are in place, so a signal after it is never lost."""
     config = uvicorn.Config(
         app,
-        http="httptools",
+        http=_HttpProtocol,
         ws="none",  # no WebSocket routes; skips importing a websockets stack
         lifespan="off",
         log_level="critical",

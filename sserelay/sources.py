@@ -4,6 +4,11 @@ A source is read only while someone iterates it, so a pipe's producer is held
 back by the pipe rather than drained into memory. Pipes, sockets and ttys are
 read through the event loop (cancellable at once); regular files, which the
 loop cannot poll, are read in a worker thread, where a read never blocks for long.
+
+Every source has the shape of `Source`: `batches()` yields the chunks that
+became ready together. A recorded source (a replay with its original timing)
+yields TimedBatch values instead, each saying when it was sent; the hub's
+pacer (`--realtime`) waits accordingly, and treats plain batches as untimed.
 """
 
 from __future__ import annotations
@@ -13,24 +18,53 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import BinaryIO
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
 
-from .chunking import LineSplitter
+from .chunking import splitter_for
 from .errors import SourceError
 
 READ_SIZE = 256 * 1024
 
 
-class LineSource:
-    """One chunk per line of a file or of stdin (`path` None or "-").
+@dataclass(frozen=True, slots=True)
+class TimedBatch:
+    """Chunks that a recording says were sent `at` seconds after it began."""
+
+    at: float
+    chunks: Sequence[str]
+
+
+Batch = Sequence[str] | TimedBatch
+
+
+class Source(Protocol):
+    """Where the chunks come from. `batches()` may be iterated once; closing
+    the iterator stops the reading. `timed` says whether its batches are
+    TimedBatch values (a recording) that `--realtime` can replay."""
+
+    name: str
+    timed: bool
+
+    @property
+    def invalid_utf8_bytes(self) -> int: ...
+
+    def batches(self) -> AsyncIterator[Batch]: ...
+
+
+class TextSource:
+    """The text of a file or of stdin (`path` None or "-"), split by `chunk`:
+    one chunk per `line` (the default), per `word`, or per `raw` read.
 
     Opening happens in the constructor, so a missing file is an error before
-    the server starts. `batches()` yields the lines each read completed."""
+    the server starts. `batches()` yields the chunks each read completed."""
 
-    def __init__(self, path: str | None = None) -> None:
+    timed = False
+
+    def __init__(self, path: str | None = None, chunk: str = "line") -> None:
         self.name = "stdin" if path in (None, "-") else str(path)
-        self._splitter = LineSplitter()
+        self._splitter = splitter_for(chunk)
         try:
             if path in (None, "-"):
                 self._file: BinaryIO = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
@@ -51,9 +85,9 @@ class LineSource:
         reads = self._thread_reads() if self._regular else self._loop_reads()
         try:
             async for data in reads:
-                lines = self._splitter.decode(data)
-                if lines:
-                    yield lines
+                chunks = self._splitter.decode(data)
+                if chunks:
+                    yield chunks
             last = self._splitter.flush()
             if last:
                 yield last

@@ -175,14 +175,24 @@ def test_client_disconnect_bills_what_it_received_and_stops_reading(relay: Any) 
             running.feed("more\n" * 10_000)
 
 
-def test_second_concurrent_client_is_refused(relay: Any) -> None:
-    running: Relay = relay("serve")
+def test_second_concurrent_client_joins_the_broadcast(relay: Any) -> None:
+    """With the hub a second client no longer gets 409: it gets the history, then live events."""
+    running: Relay = relay("serve", "--json")
     with httpx.Client(timeout=READ_TIMEOUT) as client, client.stream("GET", running.url) as r:
+        first = events_of(r)
         running.feed("first\n")
-        assert next(events_of(r)).data == "first"
-        second = httpx.get(running.url, timeout=5)
-        assert second.status_code == 409
-        running.stdin.close()
+        assert next(first).data == "first"
+        with client.stream("GET", running.url) as r2:
+            second = events_of(r2)
+            assert next(second).data == "first"
+            running.feed("second\n")
+            assert next(first).data == next(second).data == "second"
+            running.stdin.close()
+            assert list(second) == []
+        assert list(first) == []
+    bill = running.bill()
+    assert bill["reason"] == "complete"
+    assert [(c["events"], c["reason"]) for c in bill["clients"]] == [(2, "complete")] * 2
 
 
 # --------------------------------------------------------------------------- signals
