@@ -215,12 +215,36 @@ def _serve_options(command: F) -> F:
     return command
 
 
+def _mock_options(command: F) -> F:
+    """The options of `serve` as a mock LLM endpoint."""
+    from .providers import PROVIDERS
+
+    command = click.option(
+        "--once",
+        is_flag=True,
+        envvar="SSERELAY_ONCE",
+        help="With --as: exit when the first completion request ends, with its bill and code.",
+    )(command)
+    return click.option(
+        "--as",
+        "provider",
+        type=click.Choice(PROVIDERS),
+        default=None,
+        envvar="SSERELAY_AS",
+        help="Be a mock LLM API: answer the provider's completion requests (and its SDK) "
+        "with SOURCE's text, streamed or whole, each request anew, until Ctrl-C.",
+    )(command)
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("source", required=False, default="-", metavar="[SOURCE]")
 @_serve_options
+@_mock_options
 @_common_options
 def serve(
     source: str,
+    provider: str | None,
+    once: bool,
     chunk: str,
     rate: float | None,
     delay: float,
@@ -261,7 +285,7 @@ def serve(
     from .errors import SourceError
     from .hub import DEFAULT_MAX_LAG
     from .pacing import Pacer
-    from .sources import TextSource
+    from .replay import RecordingSource
     from .tokens import get_tokenizer
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -269,6 +293,8 @@ def serve(
         counter = get_tokenizer(tokenizer)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0]), param_hint="'--tokenizer'") from None
+    if once and provider is None:
+        raise click.UsageError("--once goes with --as (a plain stream ends by itself)")
     if max_lag is None:
         max_lag = max(DEFAULT_MAX_LAG, history)
     elif max_lag < history:
@@ -279,10 +305,15 @@ def serve(
         )
     if realtime and (rate is not None or delay):
         raise click.UsageError("--realtime replays the recorded timing: drop --rate and --delay")
+    if provider is not None:
+        pacing = {"rate": rate, "delay": delay, "realtime": realtime}
+        mock_run = _mock_run(console, source, chunk, provider, counter, price, quiet, pacing)
+        bill, error, signum = mock_run.start(host, port, heartbeat or None, once)
+        _finish(console, bill, error, signum, as_json)
     if auth_token is not None and not auth_token.strip():
         raise click.BadParameter("the token is empty", param_hint="'--auth-token'")
     try:
-        text_source = TextSource(source, chunk)
+        text_source = _open_source(source, chunk)
     except SourceError as exc:
         _fail(console, str(exc), EXIT_CODES["input_error"])
     if realtime and not text_source.timed:
@@ -293,6 +324,8 @@ def serve(
     # A line is whole, so it is counted alone; words and raw reads are pieces
     # of one text, counted over the joined text (a word split in two is one token).
     count = counter.count if chunk == "line" else counter.counter().feed
+    if isinstance(text_source, RecordingSource):
+        count = _payload_counter(counter)
     run = _ServeRun(console, text_source, counter.name, count, price, quiet)
     run.hub_options = {
         "ids": not no_ids,
@@ -393,6 +426,186 @@ class _ServeRun:
         return bill, session.error, signals[0] if signals else None
 
 
+def _open_source(source: str, chunk: str) -> Any:
+    """A recording (its first line says so) to replay, else the text of SOURCE."""
+    from .replay import RecordingSource, looks_like_recording
+    from .sources import TextSource
+
+    if looks_like_recording(source):
+        return RecordingSource(source)
+    return TextSource(source, chunk)
+
+
+def _payload_counter(tokenizer: Any) -> Callable[[str], int]:
+    """Tokens of replayed events, as the proxy metered them: the text inside each payload."""
+    from .formats import PayloadMeter
+
+    payload = PayloadMeter()
+    counter = tokenizer.counter()
+    return lambda data: int(counter.feed(payload.feed(data).text))
+
+
+def _mock_run(
+    console: Console,
+    source: str,
+    chunk: str,
+    provider: str,
+    tokenizer: Any,
+    price: float | None,
+    quiet: bool,
+    pacing: dict[str, Any],
+) -> _MockRun:
+    """The `serve --as` run: a file (or recording) is read anew for each request,
+    stdin once and kept; each request is paced on its own."""
+    from .errors import SourceError
+    from .mock import FileText, SharedText, Text
+    from .pacing import Pacer
+    from .replay import RecordingSource, looks_like_recording
+    from .sources import TextSource
+
+    recording = looks_like_recording(source)
+
+    def open_source() -> Any:
+        if recording:
+            return RecordingSource(source, as_text=True)
+        return TextSource(source, chunk)
+
+    try:
+        first = open_source()  # opened now: a missing file fails before the start
+    except SourceError as exc:
+        _fail(console, str(exc), EXIT_CODES["input_error"])
+    if pacing["realtime"] and not recording:
+        raise click.UsageError(
+            f"--realtime replays a recording's timing; {first.name} is plain text, which has none"
+        )
+    text: Text
+    if first.name == "stdin":
+        text = SharedText(first)
+    else:
+        sources = iter([first])
+        text = FileText(lambda: next(sources, None) or open_source())
+    pacer = Pacer(**pacing)
+    return _MockRun(
+        console,
+        provider,
+        text,
+        tokenizer,
+        price,
+        quiet,
+        line_ends=chunk == "line" and not recording,
+        pacer=(lambda: Pacer(**pacing)) if pacer.active else None,
+    )
+
+
+class _MockRun:
+    """Wires text, meter, mock endpoint, server and display for one `serve --as` run."""
+
+    def __init__(
+        self,
+        console: Console,
+        provider: str,
+        text: Any,
+        tokenizer: Any,
+        price: float | None,
+        quiet: bool,
+        *,
+        line_ends: bool,
+        pacer: Any,
+    ) -> None:
+        self.console = console
+        self.provider = provider
+        self.pacer = pacer
+        self.text = text
+        self.tokenizer = tokenizer
+        self.price = price
+        self.quiet = quiet
+        self.line_ends = line_ends
+
+    def start(
+        self, host: str, port: int, heartbeat: float | None, once: bool
+    ) -> tuple[Bill, str | None, int | None]:
+        import asyncio
+
+        from .server import ListenError, listen
+
+        try:
+            sock = listen(host, port)
+        except ListenError as exc:
+            _fail(self.console, str(exc), EXIT_ERROR)
+        try:
+            return asyncio.run(self._run(sock, heartbeat, once))
+        except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
+            sys.exit(EXIT_CODES["interrupted"])
+
+    async def _run(
+        self, sock: Any, heartbeat: float | None, once: bool
+    ) -> tuple[Bill, str | None, int | None]:
+        import time
+
+        from .display import LiveCounter, format_active, format_receipt
+        from .meter import ClientMeter, Meter
+        from .mock import COMPLETION_PATHS, Mock, SharedText, create_mock_app
+        from .server import bound_address, serve_app
+
+        meter = Meter(self.tokenizer.name, self.price)
+
+        def on_finished(client: ClientMeter, error: str | None) -> None:
+            if self.quiet:
+                return
+            receipt = format_receipt(client.bill(time.monotonic(), self.price), error)
+            self.console.print(f"sserelay: {receipt}", highlight=False, markup=False)
+
+        mock = Mock(
+            self.provider,
+            self.text,
+            meter,
+            tokenizer=self.tokenizer,
+            line_ends=self.line_ends,
+            pacer=self.pacer,
+            heartbeat=heartbeat,
+            once=once,
+            on_finished=on_finished,
+        )
+        signals: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            signals.append(signum)
+            mock.interrupt()
+
+        def rows() -> list[str]:
+            now = time.monotonic()
+            active = [format_active(c, now) for c in meter.clients if c.active]
+            return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
+
+        live = LiveCounter(self.console, meter.totals, quiet=self.quiet, rows=rows)
+
+        def on_ready() -> None:
+            url = bound_address(sock).url
+            self.console.print(f"sserelay: serving on {url}", highlight=False, markup=False)
+            self.console.print(
+                f"sserelay: mock {self.provider} API at POST "
+                f"{url.rstrip('/')}{COMPLETION_PATHS[self.provider]}",
+                highlight=False,
+                markup=False,
+            )
+            live.start()
+
+        try:
+            await serve_app(
+                create_mock_app(mock),
+                sock,
+                finished=mock.finished,
+                on_signal=on_signal,
+                on_ready=on_ready,
+            )
+        finally:
+            await live.stop()
+            if isinstance(self.text, SharedText):
+                await self.text.aclose()
+        bill = meter.bill(mock.reason or "interrupted")
+        return bill, mock.error, signals[0] if signals else None
+
+
 class _HeaderLines(click.types.StringParamType):
     """Headers as `'Name: value'`; several in SSERELAY_UPSTREAM_HEADER go one per line."""
 
@@ -488,6 +701,16 @@ def _parse_headers(
     envvar="SSERELAY_ONCE",
     help="Exit when the first proxied request ends, with its bill and exit code.",
 )
+@click.option(
+    "--record",
+    "record_file",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    envvar="SSERELAY_RECORD",
+    metavar="FILE",
+    help="Record the first request's answer, as relayed, to FILE (JSON Lines with the time of "
+    "each event, written as it goes); `sserelay serve FILE` replays it.",
+)
 @_common_options
 def proxy(
     upstream: str,
@@ -499,6 +722,7 @@ def proxy(
     connect_timeout: float,
     read_timeout: float,
     once: bool,
+    record_file: str | None,
     host: str,
     port: int,
     as_json: bool,
@@ -551,6 +775,14 @@ def proxy(
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--upstream'") from None
+    recorder = None
+    if record_file is not None:
+        from .recorder import Recorder
+
+        try:
+            recorder = Recorder(record_file)
+        except OSError as exc:
+            _fail(console, f"cannot write {record_file}: {exc.strerror or exc}", EXIT_ERROR)
     run = _ProxyRun(console, target, counter, price, price_list, quiet)
     options = {
         "payload": payload,
@@ -558,8 +790,15 @@ def proxy(
         "include_usage": include_usage,
         "heartbeat": heartbeat or None,
         "once": once,
+        "recorder": recorder,
     }
-    bill, error, signum = run.start(host, port, options)
+    try:
+        bill, error, signum = run.start(host, port, options)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    if recorder is not None and recorder.error is not None:
+        console.print(f"sserelay: warning: {recorder.error}", highlight=False, markup=False)
     _finish(console, bill, error, signum, as_json)
 
 
@@ -641,6 +880,12 @@ class _ProxyRun:
             self.console.print(
                 f"sserelay: proxying to {self.upstream.display}", highlight=False, markup=False
             )
+            if options["recorder"] is not None:
+                self.console.print(
+                    f"sserelay: recording the first request to {options['recorder'].path}",
+                    highlight=False,
+                    markup=False,
+                )
             live.start()
 
         try:

@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from .app import ASGISink
 from .errors import ClientDisconnected, SourceError
 from .meter import ClientMeter, Meter
+from .pacing import Pacer
 from .providers import (
     Answer,
     MockRequest,
@@ -40,6 +41,7 @@ from .providers import (
     new_answer,
     read_request,
 )
+from .sources import Batch, TimedBatch
 from .sse import Event, encode_event
 from .stream import SSE_HEADERS, Frames, relay_frames
 from .tokens import Tokenizer
@@ -65,7 +67,7 @@ class Text(Protocol):
     @property
     def invalid_utf8_bytes(self) -> int: ...
 
-    def open(self) -> AsyncGenerator[Sequence[str], None]: ...
+    def open(self) -> AsyncGenerator[Batch, None]: ...
 
 
 class ChunkSource(Protocol):
@@ -74,7 +76,7 @@ class ChunkSource(Protocol):
     @property
     def invalid_utf8_bytes(self) -> int: ...
 
-    def batches(self) -> AsyncIterator[Sequence[str]]: ...
+    def batches(self) -> AsyncIterator[Batch]: ...
 
 
 class FileText:
@@ -84,11 +86,11 @@ class FileText:
         self._source = source
         self.invalid_utf8_bytes = 0
 
-    def open(self) -> AsyncGenerator[Sequence[str], None]:
+    def open(self) -> AsyncGenerator[Batch, None]:
         # Opened now: a file gone since the start is a SourceError before any answer.
         return self._read(self._source())
 
-    async def _read(self, source: ChunkSource) -> AsyncGenerator[Sequence[str], None]:
+    async def _read(self, source: ChunkSource) -> AsyncGenerator[Batch, None]:
         batches = source.batches()
         try:
             async for batch in batches:
@@ -106,7 +108,7 @@ class SharedText:
 
     def __init__(self, source: ChunkSource) -> None:
         self._source = source
-        self._chunks: list[str] = []
+        self._chunks: list[Batch] = []
         self._done = False
         self._error: SourceError | None = None
         self._grown = asyncio.Event()
@@ -120,7 +122,7 @@ class SharedText:
         batches = self._source.batches()
         try:
             async for batch in batches:
-                self._chunks.extend(batch)
+                self._chunks.append(batch)
                 self._wake()
         except SourceError as exc:
             self._error = exc
@@ -133,18 +135,17 @@ class SharedText:
         self._grown.set()
         self._grown = asyncio.Event()
 
-    def open(self) -> AsyncGenerator[Sequence[str], None]:
+    def open(self) -> AsyncGenerator[Batch, None]:
         if self._reader is None:
             self._reader = asyncio.create_task(self._read())
         return self._replay()
 
-    async def _replay(self) -> AsyncGenerator[Sequence[str], None]:
+    async def _replay(self) -> AsyncGenerator[Batch, None]:
         sent = 0
         while True:
             if sent < len(self._chunks):
-                batch = self._chunks[sent:]
-                sent += len(batch)
-                yield batch
+                sent += 1
+                yield self._chunks[sent - 1]
             elif self._done:
                 if self._error is not None:
                     raise self._error
@@ -176,6 +177,7 @@ class Mock:
         *,
         tokenizer: Tokenizer,
         line_ends: bool = True,
+        pacer: Callable[[], Pacer] | None = None,
         heartbeat: float | None = None,
         once: bool = False,
         on_finished: OnFinished = lambda client, error: None,
@@ -187,6 +189,7 @@ class Mock:
         self.meter = meter
         self.tokenizer = tokenizer
         self.line_ends = line_ends
+        self.pacer = pacer
         self.heartbeat = heartbeat
         self.once = once
         self.on_finished = on_finished
@@ -304,35 +307,51 @@ class Mock:
         return [chunk + "\n" for chunk in batch] if self.line_ends else batch
 
     async def _stream(
-        self, answer: Answer, passes: AsyncGenerator[Sequence[str], None], prompt_tokens: int
+        self, answer: Answer, passes: AsyncGenerator[Batch, None], prompt_tokens: int
     ) -> AsyncIterator[Frames]:
         """The opening events at once, one event per chunk as each read makes it
-        ready, then the closing events with the usage."""
+        ready (or as the pacer says: each request is paced on its own), then the
+        closing events with the usage."""
         counter = self.tokenizer.counter()
+        pacer = self.pacer() if self.pacer is not None else None
         completion_tokens = 0
         try:
             yield _frames(answer.start())
             async for batch in passes:
-                events = []
-                tokens = 0
+                at = None
+                if isinstance(batch, TimedBatch):
+                    at, batch = batch.at, batch.chunks
+                if pacer is None:
+                    events: list[Event] = []
+                    tokens = 0
+                    for chunk in self._chunks(batch):
+                        events += answer.text(chunk)
+                        tokens += counter.feed(chunk)
+                    if events:
+                        completion_tokens += tokens
+                        yield _frames(events, tokens)
+                    continue
                 for chunk in self._chunks(batch):
-                    events += answer.text(chunk)
-                    tokens += counter.feed(chunk)
-                if events:
+                    tokens = counter.feed(chunk)
+                    wait = pacer.next_time(tokens, at, time.monotonic()) - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                     completion_tokens += tokens
-                    yield _frames(events, tokens)
+                    events = answer.text(chunk)
+                    if events:
+                        yield _frames(events, tokens)
         finally:
             await passes.aclose()
         yield _frames(answer.end(prompt_tokens, completion_tokens))
 
     async def _whole(
-        self, answer: Answer, passes: AsyncGenerator[Sequence[str], None], prompt_tokens: int
+        self, answer: Answer, passes: AsyncGenerator[Batch, None], prompt_tokens: int
     ) -> AsyncIterator[Frames]:
-        """One answer object once the text has ended: one event, all its tokens."""
+        """One answer object once the text has ended (unpaced): one event, all its tokens."""
         parts: list[str] = []
         try:
             async for batch in passes:
-                parts += self._chunks(batch)
+                parts += self._chunks(batch.chunks if isinstance(batch, TimedBatch) else batch)
         finally:
             await passes.aclose()
         text = "".join(parts)

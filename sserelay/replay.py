@@ -1,0 +1,94 @@
+"""A recording (sserelay.recording) as a chunk source: `sserelay serve FILE.jsonl`.
+
+A file whose first line is a recording's header is replayed instead of read as
+text. Each recorded part becomes one chunk, in a TimedBatch that says when it
+was written, so `--realtime` replays the recorded timing (and `--rate` or
+`--delay` pace it anew); without them it goes as fast as clients take it.
+
+Two views of the same recording:
+- as events (`serve`): each SSE event's data, or each write of another body;
+- as text (`serve --as PROVIDER`): the text inside each provider payload
+  (OpenAI, Responses, Anthropic, Ollama, Gemini, or plain), so a recording of
+  one provider can be replayed in another's format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from .chunking import LineSplitter
+from .errors import SourceError
+from .formats import PayloadMeter
+from .recording import Block, Recording, RecordingError, is_recording, read_recording
+from .sources import TimedBatch
+
+#: A recording is read whole at the start; a bigger file is refused rather than half-read.
+MAX_RECORDING_BYTES = 256 * 1024 * 1024
+
+
+def looks_like_recording(path: str) -> bool:
+    """Whether `path` is a regular file whose first line is a recording's header."""
+    if path in ("", "-"):
+        return False
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(64 * 1024)
+    except OSError:
+        return False  # the text source reports it
+    return is_recording(first)
+
+
+class RecordingSource:
+    """The parts of the recording at `path`, read and checked now (SourceError
+    with the line at fault). With `as_text`, the text inside each payload."""
+
+    timed = True
+    invalid_utf8_bytes = 0
+
+    def __init__(self, path: str, *, as_text: bool = False) -> None:
+        self.name = path
+        self.as_text = as_text
+        try:
+            with open(path, "rb") as file:
+                raw = file.read(MAX_RECORDING_BYTES + 1)
+        except OSError as exc:
+            raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        if len(raw) > MAX_RECORDING_BYTES:
+            raise SourceError(f"cannot replay {path}: over {MAX_RECORDING_BYTES} bytes")
+        try:
+            self.recording: Recording = read_recording(
+                raw.decode("utf-8").splitlines(keepends=True)
+            )
+        except (RecordingError, UnicodeDecodeError) as exc:
+            raise SourceError(f"cannot replay {path}: {exc}") from exc
+        self._chunks = self._texts() if as_text else self._events()
+
+    def _events(self) -> list[TimedBatch]:
+        out = []
+        for part in self.recording.parts:
+            if isinstance(part, Block):
+                if part.data is not None:  # a block with only an id or comments carries nothing
+                    out.append(TimedBatch(part.t, [part.data]))
+            else:
+                out.append(TimedBatch(part.t, [part.body.decode("utf-8", errors="replace")]))
+        return out
+
+    def _texts(self) -> list[TimedBatch]:
+        payload = PayloadMeter()
+        lines = LineSplitter()
+        out = []
+        for part in self.recording.parts:
+            if isinstance(part, Block):
+                if part.data is None:
+                    continue
+                texts = [payload.feed(part.data, part.event).text]
+            else:  # NDJSON and the like: a payload per line, whichever write completes it
+                texts = [payload.feed(line).text for line in lines.decode(part.body)]
+            texts = [text for text in texts if text]
+            if texts:
+                out.append(TimedBatch(part.t, texts))
+        return out
+
+    async def batches(self) -> AsyncIterator[TimedBatch]:
+        for batch in self._chunks:
+            yield batch
