@@ -1,0 +1,76 @@
+"""A recording as a source (sserelay.replay): its events, or the text inside its payloads."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from sserelay.errors import SourceError
+from sserelay.formats import PayloadMeter
+from sserelay.recording import Chunk, Header, record_lines
+from sserelay.relays import EventRelay
+from sserelay.replay import RecordingSource, looks_like_recording
+from sserelay.sources import TimedBatch
+from sserelay.sse import SSEDecoder
+from sserelay.tokens import get_tokenizer
+
+PAYLOADS = Path(__file__).resolve().parent / "payloads"
+
+
+def batches(source: RecordingSource) -> list[TimedBatch]:
+    async def collect() -> list[TimedBatch]:
+        return [batch async for batch in source.batches()]
+
+    return asyncio.run(collect())
+
+
+def record_sse(path: Path, name: str) -> bytes:
+    """A recording of the proxy relaying tests/payloads/NAME, one event per 0.1 s."""
+    relay = EventRelay(PayloadMeter(), get_tokenizer("whitespace"))
+    written = relay.decode((PAYLOADS / name).read_bytes()).payload
+    blocks = written.split(b"\n\n")[:-1]
+    lines = [Header("POST", "/v1", 200, "text/event-stream").line()]
+    lines += [record_lines(i / 10, block + b"\n\n", sse=True) for i, block in enumerate(blocks)]
+    path.write_text("".join(lines))
+    return written
+
+
+@pytest.mark.parametrize("name", ["openai_chat.sse", "anthropic.sse", "responses.sse"])
+def test_events_and_text_of_a_recorded_stream(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "rec.jsonl"
+    written = record_sse(path, name)
+    assert looks_like_recording(str(path))
+    events = batches(RecordingSource(str(path)))
+    assert [b.chunks[0] for b in events] == [e.data for e in SSEDecoder().decode(written)]
+    assert [b.at for b in events] == sorted(b.at for b in events)
+    meter = PayloadMeter()
+    want = "".join(meter.feed(e.data, e.event).text for e in SSEDecoder().decode(written))
+    texts = batches(RecordingSource(str(path), as_text=True))
+    assert "".join(c for b in texts for c in b.chunks) == want and want
+
+
+def test_the_text_of_a_recorded_ndjson_body_however_its_writes_fell(tmp_path: Path) -> None:
+    raw = (PAYLOADS / "ollama_chat.ndjson").read_bytes()
+    path = tmp_path / "ollama.jsonl"
+    writes = [raw[i : i + 7] for i in range(0, len(raw), 7)]  # lines cut anywhere
+    lines = [Header("POST", "/api/chat", 200, "application/x-ndjson").line()]
+    lines += [Chunk(i / 100, w).line() for i, w in enumerate(writes)]
+    path.write_text("".join(lines))
+    meter = PayloadMeter()
+    want = "".join(meter.feed(line).text for line in raw.decode().splitlines())
+    texts = batches(RecordingSource(str(path), as_text=True))
+    assert "".join(c for b in texts for c in b.chunks) == want
+
+
+def test_plain_text_is_not_a_recording_and_a_broken_one_is_a_source_error(
+    tmp_path: Path,
+) -> None:
+    text = tmp_path / "a.txt"
+    text.write_text("hello\n")
+    assert not looks_like_recording(str(text)) and not looks_like_recording("-")
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"sserelay_recording": 1}\n{"t": -1, "data": "x"}\n')
+    with pytest.raises(SourceError, match="line 2"):
+        RecordingSource(str(broken))
