@@ -26,7 +26,7 @@ from itertools import accumulate
 from .errors import SourceError
 from .pacing import Pacer
 from .sources import Source, TimedBatch
-from .sse import encode_data
+from .sse import encode_batch
 from .stream import Frames
 
 #: Sent to a client whose starting point has already been dropped from the history.
@@ -107,16 +107,8 @@ class EventLog:
     def append(self, chunks: Sequence[str], tokens: Sequence[int]) -> Batch:
         """Publish `chunks` (with their token counts) as the next events."""
         first = self.head
-        if self.ids:
-            parts = [encode_data(chunk, str(first + i)) for i, chunk in enumerate(chunks)]
-        else:
-            parts = [encode_data(chunk) for chunk in chunks]
-        batch = Batch(
-            first,
-            parts[0] if len(parts) == 1 else b"".join(parts),
-            tuple(accumulate(map(len, parts))),
-            tuple(accumulate(tokens)),
-        )
+        payload, ends = encode_batch(chunks, first if self.ids else None)
+        batch = Batch(first, payload, tuple(ends), tuple(accumulate(tokens)))
         self._batches.append(batch)
         self.head = batch.next
         return batch

@@ -8,7 +8,9 @@ does I/O: feed bytes in, get events out; hand an event in, get bytes out.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 # §9.2.5: lines end in CRLF, a lone LF or a lone CR; nothing else ends a line.
 _LINE_END = re.compile(r"\r\n|\r|\n")
@@ -50,6 +52,36 @@ def encode_data(data: str, event_id: str | None = None) -> bytes:
     if event_id is None:
         return f"data: {body}\n\n".encode()
     return f"id: {event_id}\ndata: {body}\n\n".encode()
+
+
+def encode_batch(chunks: Sequence[str], first_id: int | None = None) -> tuple[bytes, list[int]]:
+    """Frame each chunk as one event (ids counting up from `first_id`, or none)
+    and return the joined bytes with each event's end offset in them.
+
+    Exactly `b"".join(encode_data(...))`, made faster for the common case of a
+    batch of plain ASCII lines: one format per event and one encode for all
+    (the per-event encode was half the cost of relaying an event)."""
+    if first_id is None:
+        texts = [f"data: {chunk}\n\n" for chunk in chunks]
+        lines_per_event = 2
+    else:
+        ids = range(first_id, first_id + len(chunks))
+        texts = [f"id: {i}\ndata: {chunk}\n\n" for i, chunk in zip(ids, chunks, strict=True)]
+        lines_per_event = 3
+    joined = "".join(texts)
+    # ASCII: str lengths are byte lengths; no CR and no LF but the framing's:
+    # no chunk needs splitting into data lines.
+    if (
+        joined.isascii()
+        and "\r" not in joined
+        and joined.count("\n") == lines_per_event * len(chunks)
+    ):
+        return joined.encode("ascii"), list(accumulate(map(len, texts)))
+    if first_id is None:
+        parts = [encode_data(chunk) for chunk in chunks]
+    else:
+        parts = [encode_data(chunk, str(i)) for i, chunk in zip(ids, chunks, strict=True)]
+    return b"".join(parts), list(accumulate(map(len, parts)))
 
 
 def encode_event(event: Event) -> bytes:

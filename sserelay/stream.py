@@ -16,7 +16,7 @@ from typing import Protocol
 
 from .errors import ClientDisconnected, NoFlushError
 from .meter import ClientMeter
-from .sse import encode_data
+from .sse import encode_batch
 from .tokens import count_tokens
 
 #: The response headers of every event stream (DESIGN.md). `X-Accel-Buffering`
@@ -83,16 +83,10 @@ async def encode_chunks(
         async for batch in source:
             if not batch:
                 continue
-            tokens = 0
-            parts: list[bytes] = []
-            for chunk in batch:
-                tokens += count(chunk)
-                if ids:
-                    parts.append(encode_data(chunk, str(next_id)))
-                    next_id += 1
-                else:
-                    parts.append(encode_data(chunk))
-            yield Frames(parts[0] if len(parts) == 1 else b"".join(parts), len(parts), tokens)
+            tokens = sum(map(count, batch))
+            payload, _ = encode_batch(batch, next_id if ids else None)
+            next_id += len(batch)
+            yield Frames(payload, len(batch), tokens)
 
     finally:
         aclose = getattr(source, "aclose", None)

@@ -16,7 +16,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sserelay.sse import Event, SSEDecoder, encode_comment, encode_data, encode_event
+from sserelay.sse import (
+    Event,
+    SSEDecoder,
+    encode_batch,
+    encode_comment,
+    encode_data,
+    encode_event,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -155,6 +162,32 @@ def test_encode_comment_is_comment_lines_the_decoder_ignores(text: str, wire: by
     assert decoder.decode(b"data: a\n" + comment + b"data: b\n\n") == [Event("a\nb")]
     assert decoder.last_event_id == ""
     assert decoder.retry is None
+
+
+@given(
+    st.lists(st.one_of(st.text(), st.text(alphabet="ab \r\n")), max_size=8),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=10**12)),
+)
+def test_encode_batch_is_the_events_joined_with_their_ends(
+    chunks: list[str], first_id: int | None
+) -> None:
+    payload, ends = encode_batch(chunks, first_id)
+    if first_id is None:
+        parts = [encode_data(chunk) for chunk in chunks]
+    else:
+        parts = [encode_data(chunk, str(first_id + i)) for i, chunk in enumerate(chunks)]
+    assert payload == b"".join(parts)
+    assert [payload[start:end] for start, end in pairwise([0, *ends])] == parts
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [["plain", "ascii"], ["caf\u00e9", "x"], ["a\rb", "c"], ["a\nb"], ["\n", ""], []],
+)
+def test_encode_batch_fast_and_slow_paths_agree(chunks: list[str]) -> None:
+    payload, ends = encode_batch(chunks, 7)
+    assert payload == b"".join(encode_data(c, str(7 + i)) for i, c in enumerate(chunks))
+    assert len(ends) == len(chunks) and (not ends or ends[-1] == len(payload))
 
 
 # --------------------------------------------------------------------------- decoding
