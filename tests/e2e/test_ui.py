@@ -1,0 +1,304 @@
+"""The `/ui` page in headless Chromium against the real `sserelay serve`.
+
+Chromium (Debian's `chromium`) runs with a fresh profile and background networking off, and is
+driven over the DevTools protocol: the test reads the page's DOM while the relay is fed through
+its stdin, so it sees the text grow and checks the counters against what was served and billed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from sserelay import count_tokens
+from tests.conftest import Relay, wait_until
+
+#: Bounded waits, generous for a loaded 2-core machine; a passing run takes far less.
+START_TIMEOUT = 20.0
+PAGE_TIMEOUT = 15.0
+
+#: What the page shows, read in one go: counters, the text, and any element in the text.
+STATE = """(() => {
+  const shown = (id) => { const e = document.getElementById(id); return e && e.textContent; };
+  const text = document.getElementById("text");
+  return {
+    status: shown("status"), events: shown("events"), tokens: shown("tokens"),
+    rate: shown("rate"), lastId: shown("last-id"), title: document.title,
+    text: text && text.textContent, elements: text && text.querySelectorAll("*").length,
+  };
+})()"""
+
+#: Lines that must reach the page as they are: non-ASCII, whitespace that only Python's
+#: str.split() and the page's tokenizer agree on, markup, and would-be SSE fields.
+TRICKY_LINES = [
+    "naïve café — ünïcödé, 日本語のテキスト, emoji 🚀✨, 👩‍👩‍👧 and 𠀋",
+    "no\u00a0break\u3000ideographic\u2028line\u2029para\u0085nel\x0bvt\x0cff\x1cfs\u200bzwsp",
+    "",
+    '<img src=x onerror="document.title=\'pwned\'"> <script>document.title="pwned"</script> &amp;',
+    "data: forged",
+    "id: 999",
+    "event: close",
+    "retry: 1",
+    ": not a comment",
+    " ".join(f"w{i}" for i in range(500)),
+]
+
+
+def chromium() -> str:
+    """Chromium's path; without it the test is skipped, except in CI, which must have it."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "chromium is not installed (Debian: apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must run the /ui test (.ci/run installs it)", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+class DevToolsError(Exception):
+    """A DevTools command failed, or the script it evaluated threw."""
+
+
+class DevTools:
+    """A minimal DevTools protocol client on the browser's websocket: one command at a time,
+    events kept in `events` as they arrive in between."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._ids = itertools.count(1)
+        self.events: list[dict[str, Any]] = []
+
+    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+        command_id = next(self._ids)
+        message: dict[str, Any] = {"id": command_id, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        self._ws.send(json.dumps(message))
+        deadline = time.monotonic() + PAGE_TIMEOUT
+        while True:
+            reply: dict[str, Any] = json.loads(self._ws.recv(timeout=deadline - time.monotonic()))
+            if reply.get("id") != command_id:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise DevToolsError(f"{method}: {reply['error']}")
+            result: dict[str, Any] = reply["result"]
+            return result
+
+
+class Page:
+    """One tab: navigate, evaluate, and the page's errors seen so far."""
+
+    def __init__(self, devtools: DevTools) -> None:
+        self._devtools = devtools
+        self._target = devtools.call("Target.createTarget", url="about:blank")["targetId"]
+        attached = devtools.call("Target.attachToTarget", targetId=self._target, flatten=True)
+        self._session = attached["sessionId"]
+        self._call("Runtime.enable")
+        self._call("Log.enable")
+
+    def _call(self, method: str, **params: Any) -> dict[str, Any]:
+        return self._devtools.call(method, self._session, **params)
+
+    def close(self) -> None:
+        self._devtools.call("Target.closeTarget", targetId=self._target)
+
+    def goto(self, url: str) -> None:
+        self._call("Page.navigate", url=url)
+
+    def evaluate(self, expression: str) -> Any:
+        result = self._call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise DevToolsError(json.dumps(result["exceptionDetails"]))
+        return result["result"].get("value")
+
+    def state(self) -> dict[str, Any]:
+        """What the page shows, or the error while it cannot tell (it is navigating)."""
+        try:
+            state: dict[str, Any] = self.evaluate(STATE)
+        except DevToolsError as exc:
+            return {"error": str(exc)}
+        return state
+
+    def wait_for(self, wanted: dict[str, Any]) -> dict[str, Any]:
+        """The page's state once it shows everything in `wanted`; fails with what it shows."""
+        last: dict[str, Any] = {}
+
+        def shows() -> bool:
+            nonlocal last
+            last = self.state()
+            return all(last.get(key) == value for key, value in wanted.items())
+
+        try:
+            wait_until(shows, timeout=PAGE_TIMEOUT, interval=0.02)
+        except AssertionError:
+            raise AssertionError(f"the page never showed {wanted}; it shows {last}") from None
+        return last
+
+    def errors(self) -> list[str]:
+        """Script errors, and console or policy (CSP) errors that are not network ones: the
+        relay ends when the stream does, so the EventSource's reconnects may be refused."""
+        self.evaluate("0")  # takes in the events sent so far
+        found = []
+        for message in self._devtools.events:
+            if message.get("sessionId") != self._session:
+                continue
+            params = message.get("params", {})
+            if message.get("method") == "Runtime.exceptionThrown":
+                details = params["exceptionDetails"]
+                found.append(details.get("exception", {}).get("description") or details["text"])
+            elif message.get("method") == "Log.entryAdded":
+                entry = params["entry"]
+                if entry["level"] == "error" and entry["source"] != "network":
+                    found.append(f"{entry['source']}: {entry['text']}")
+        return found
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[DevTools]:
+    """Chromium with a fresh profile, killed with all its processes and removed afterwards."""
+    executable = chromium()
+    workdir = Path(tempfile.mkdtemp(prefix="sserelay-chromium-"))
+    profile = workdir / "profile"
+    log = (workdir / "chromium.log").open("wb")
+    argv = [
+        executable,
+        "--headless=new",
+        "--no-sandbox",  # tests may run as root (CI containers)
+        "--disable-gpu",
+        f"--user-data-dir={profile}",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",
+        "about:blank",
+    ]
+    # Its own session: renderers and helpers are killed with it as one process group.
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                output = (workdir / "chromium.log").read_text(errors="replace")
+                raise AssertionError(f"chromium exited with {proc.returncode}: {output[-2000:]}")
+            return port_file.exists() and len(port_file.read_text().splitlines()) == 2
+
+        wait_until(listening, timeout=START_TIMEOUT, interval=0.02)
+        port, path = port_file.read_text().splitlines()
+        with connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=10) as ws:
+            try:
+                yield DevTools(ws)
+            finally:
+                # Asked to close, it reaps its own processes; the kill below is for the rest.
+                with contextlib.suppress(ConnectionClosed):
+                    ws.send(json.dumps({"id": 0, "method": "Browser.close"}))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(workdir)
+
+
+@pytest.fixture
+def page(browser: DevTools) -> Iterator[Page]:
+    """A new tab, closed after the test."""
+    tab = Page(browser)
+    yield tab
+    tab.close()
+
+
+def test_the_page_shows_every_event_as_it_arrives_and_the_right_counts(
+    relay: Any, page: Page
+) -> None:
+    running: Relay = relay("serve", "--json", "--quiet")
+    page.goto(running.url + "ui")
+    # Connected: the headers are in before any event, and the page shows nothing yet.
+    page.wait_for({"status": "streaming", "events": "0", "tokens": "0", "text": ""})
+
+    # Live: the first line is on the page while the relay still waits for more.
+    running.feed("Hello from sserelay\n")
+    page.wait_for({"events": "1", "tokens": "3", "text": "Hello from sserelay\n"})
+    assert running.proc.poll() is None
+
+    # The rest in pieces, one cut inside a character, one invalid byte, then the end.
+    rest = "\n".join(TRICKY_LINES).encode() + b"\ncaf\xe9 au lait"
+    cut = rest.index("🚀".encode()) + 2
+    running.feed(rest[:cut])
+    running.feed(rest[cut:])
+    running.stdin.close()
+    lines = ["Hello from sserelay", *TRICKY_LINES, "caf\ufffd au lait"]
+    tokens = sum(count_tokens(line) for line in lines)
+    shown = page.wait_for({"events": str(len(lines))})
+
+    assert shown["text"] == "".join(line + "\n" for line in lines)
+    assert shown["tokens"] == str(tokens)
+    assert shown["lastId"] == str(len(lines))  # no forged id
+    assert (shown["elements"], shown["title"]) == (0, "sserelay")  # text, never markup
+    assert page.errors() == []
+
+    bill = running.bill()
+    assert (bill["reason"], bill["events"], bill["tokens"]) == ("complete", len(lines), tokens)
+    assert [(c["events"], c["tokens"]) for c in bill["clients"]] == [(len(lines), tokens)]
+
+    # Over: the page waits to reconnect, and its rate holds still (it is refreshed every
+    # 0.5 s, so two refreshes go by before it is read again).
+    ended = page.wait_for({"status": "reconnecting"})
+    assert float(ended["rate"]) > 0
+    held_since = time.monotonic()
+    wait_until(lambda: time.monotonic() - held_since > 1.1, timeout=2)
+    assert page.state()["rate"] == ended["rate"]
+
+
+@pytest.mark.parametrize(
+    ("chunk", "tokenizer"), [("word", "whitespace"), ("raw", "whitespace"), ("raw", "chars")]
+)
+def test_the_page_counts_tokens_as_the_server_does_in_every_chunk_mode(
+    relay: Any, page: Page, chunk: str, tokenizer: str
+) -> None:
+    running: Relay = relay("serve", "--chunk", chunk, "--tokenizer", tokenizer, "--json")
+    page.goto(running.url + "ui")
+    page.wait_for({"status": "streaming"})
+    running.feed("Hello wor")
+    page.wait_for({"events": "1"})  # a word cut in two across events: still one token
+    running.feed("ld,\n  naïve\u3000🚀 again\n")
+    running.stdin.close()
+    bill = running.bill()
+    text = "Hello world,\n  naïve\u3000🚀 again\n"
+    assert bill["tokens"] == (len(text) if tokenizer == "chars" else count_tokens(text))
+    shown = page.wait_for({"events": str(bill["events"])})
+    assert shown["tokens"] == str(bill["tokens"])
+    assert shown["text"] == (text if chunk == "raw" else text.rstrip())
+
+
+def test_the_page_passes_its_token_on_and_shows_a_refusal(
+    relay: Any, page: Page, tmp_path: Path
+) -> None:
+    source = tmp_path / "s.txt"
+    source.write_text("one two\nthree\n")
+    running: Relay = relay("serve", str(source), "--keep", "--auth-token", "s3cret")
+    page.goto(running.url + "ui")
+    page.wait_for({"status": "closed", "events": "0", "text": ""})  # 401: no reconnect
+    page.goto(running.url + "ui?token=s3cret")
+    page.wait_for({"events": "2", "tokens": "3", "lastId": "2", "text": "one two\nthree\n"})
