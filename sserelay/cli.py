@@ -401,7 +401,8 @@ class _ServeRun:
         live = LiveCounter(self.console, meter.totals, quiet=self.quiet)
 
         def on_ready() -> None:
-            self.console.print(f"sserelay: serving on {bound_address(sock).url}", highlight=False)
+            url = bound_address(sock).url
+            self.console.print(f"sserelay: serving on {url}", highlight=False, markup=False)
             live.start()
             if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
                 # For the leak tests only; not an option, not documented to users.
