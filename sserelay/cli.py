@@ -525,16 +525,14 @@ class _MockRun:
     def start(
         self, host: str, port: int, heartbeat: float | None, once: bool
     ) -> tuple[Bill, str | None, int | None]:
-        import asyncio
-
-        from .server import ListenError, listen
+        from .server import ListenError, listen, run_event_loop
 
         try:
             sock = listen(host, port)
         except ListenError as exc:
             _fail(self.console, str(exc), EXIT_ERROR)
         try:
-            return asyncio.run(self._run(sock, heartbeat, once))
+            return run_event_loop(self._run(sock, heartbeat, once))
         except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
             sys.exit(EXIT_CODES["interrupted"])
 
