@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
+import socket
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import click
 
@@ -16,7 +22,11 @@ from .formats import PAYLOAD_KINDS
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .meter import Bill
+    from .meter import Bill, ClientMeter, Meter
+    from .mock import Text
+    from .prices import PriceList
+    from .tokens import Tokenizer
+    from .upstream import Upstream
 
 #: Exit codes (documented in --help, README.md and man/sserelay.1).
 EXIT_COMPLETE = 0
@@ -307,8 +317,19 @@ def serve(
         raise click.UsageError("--realtime replays the recorded timing: drop --rate and --delay")
     if provider is not None:
         pacing = {"rate": rate, "delay": delay, "realtime": realtime}
-        mock_run = _mock_run(console, source, chunk, provider, counter, price, quiet, pacing)
-        bill, error, signum = mock_run.start(host, port, heartbeat or None, once)
+        mock_run = _mock_run(
+            console,
+            source,
+            chunk,
+            provider,
+            counter,
+            price,
+            quiet,
+            pacing,
+            heartbeat=heartbeat or None,
+            once=once,
+        )
+        bill, error, signum = mock_run.start(host, port)
         _finish(console, bill, error, signum, as_json)
     if auth_token is not None and not auth_token.strip():
         raise click.BadParameter("the token is empty", param_hint="'--auth-token'")
@@ -326,46 +347,61 @@ def serve(
     count = counter.count if chunk == "line" else counter.counter().feed
     if isinstance(text_source, RecordingSource):
         count = _payload_counter(counter)
-    run = _ServeRun(console, text_source, counter.name, count, price, quiet)
-    run.hub_options = {
-        "ids": not no_ids,
-        "history": history,
-        "max_lag": max_lag,
-        "pacer": Pacer(rate=rate, delay=delay, realtime=realtime),
-    }
-    run.keep = keep
-    run.access = Access(token=auth_token, max_clients=max_clients, cors_origin=cors_origin)
-    run.ui_settings = {"tokenizer": counter.name, "chunk": chunk}
-    bill, error, signum = run.start(host, port, heartbeat or None, not no_ids)
+    run = _ServeRun(
+        console,
+        counter,
+        price,
+        quiet,
+        source=text_source,
+        hub_options={
+            "count": count,
+            "ids": not no_ids,
+            "history": history,
+            "max_lag": max_lag,
+            "pacer": Pacer(rate=rate, delay=delay, realtime=realtime),
+        },
+        session_options={
+            "heartbeat": heartbeat or None,
+            "keep": keep,
+            "access": Access(token=auth_token, max_clients=max_clients, cors_origin=cors_origin),
+        },
+        ui_settings={"tokenizer": counter.name, "chunk": chunk},
+    )
+    bill, error, signum = run.start(host, port)
     _finish(console, bill, error, signum, as_json)
 
 
-class _ServeRun:
-    """Wires source, hub, meter, app, server and display for one `serve` run."""
+class _Endpoint(Protocol):
+    """What a run serves (StreamSession, Mock, Proxy): it ends the run by setting
+    `finished`, with the run's reason and error; interrupt() is Ctrl-C or SIGTERM."""
+
+    finished: asyncio.Event
+    reason: str | None
+    error: str | None
+
+    def interrupt(self) -> None: ...
+
+
+class _Run:
+    """The life cycle every command's run shares: listen, serve the endpoint
+    until it finishes or a signal ends it, with the live counter on stderr, and
+    end with the bill, the run's error and the signal that ended it (if one did).
+
+    A subclass says what it serves (`_serving`), what it prints under
+    `serving on URL` (`_notes`), and whether the live counter shows a row per
+    request in flight (`request_rows`)."""
+
+    request_rows = False
 
     def __init__(
-        self,
-        console: Console,
-        source: Any,
-        tokenizer: str,
-        count: Callable[[str], int],
-        price: float | None,
-        quiet: bool,
+        self, console: Console, tokenizer: Tokenizer, price: float | None, quiet: bool
     ) -> None:
         self.console = console
-        self.source = source
         self.tokenizer = tokenizer
-        self.count = count
         self.price = price
         self.quiet = quiet
-        self.hub_options: dict[str, Any] = {}
-        self.keep = False
-        self.access: Any = None
-        self.ui_settings: dict[str, str] = {}
 
-    def start(
-        self, host: str, port: int, heartbeat: float | None, ids: bool
-    ) -> tuple[Bill, str | None, int | None]:
+    def start(self, host: str, port: int) -> tuple[Bill, str | None, int | None]:
         from .server import ListenError, listen, run_event_loop
 
         try:
@@ -373,58 +409,109 @@ class _ServeRun:
         except ListenError as exc:
             _fail(self.console, str(exc), EXIT_ERROR)
         try:
-            return run_event_loop(self._run(sock, heartbeat, ids))
+            return run_event_loop(self._run(sock))
         except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
             sys.exit(EXIT_CODES["interrupted"])
 
-    async def _run(
-        self, sock: Any, heartbeat: float | None, ids: bool
-    ) -> tuple[Bill, str | None, int | None]:
-        import asyncio
-        import os
-
-        from .app import StreamSession, create_app, ui_page
+    async def _run(self, sock: socket.socket) -> tuple[Bill, str | None, int | None]:
         from .display import LiveCounter
-        from .hub import Hub
         from .meter import Meter
         from .server import bound_address, serve_app
 
-        meter = Meter(self.tokenizer, self.price)
-        hub = Hub(self.source, count=self.count, **{"ids": ids, **self.hub_options})
-        session = StreamSession(hub, meter, heartbeat=heartbeat, keep=self.keep, access=self.access)
+        meter = Meter(self.tokenizer.name, self.price)
         signals: list[int] = []
+        rows = partial(_active_requests, meter) if self.request_rows else None
+        live = LiveCounter(self.console, meter.totals, quiet=self.quiet, rows=rows)
+        async with self._serving(meter) as (endpoint, app):
 
-        def on_signal(signum: int) -> None:
-            signals.append(signum)
-            session.interrupt()
+            def on_signal(signum: int) -> None:
+                signals.append(signum)
+                endpoint.interrupt()
 
-        live = LiveCounter(self.console, meter.totals, quiet=self.quiet)
+            def on_ready() -> None:
+                url = bound_address(sock).url
+                for line in [f"serving on {url}", *self._notes(url)]:
+                    self.console.print(f"sserelay: {line}", highlight=False, markup=False)
+                live.start()
 
-        def on_ready() -> None:
-            url = bound_address(sock).url
-            self.console.print(f"sserelay: serving on {url}", highlight=False, markup=False)
-            live.start()
-            if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
-                # For the leak tests only; not an option, not documented to users.
-                asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, print_tasks)
+            try:
+                await serve_app(
+                    app, sock, finished=endpoint.finished, on_signal=on_signal, on_ready=on_ready
+                )
+            finally:
+                await live.stop()
+        bill = meter.bill(endpoint.reason or "interrupted")
+        return bill, endpoint.error, signals[0] if signals else None
 
-        def print_tasks() -> None:
-            count = len(asyncio.all_tasks())
-            self.console.print(f"sserelay: debug: {count} tasks", highlight=False)
+    def _serving(self, meter: Meter) -> AbstractAsyncContextManager[tuple[_Endpoint, Any]]:
+        """The endpoint, billing on `meter`, and the ASGI app that serves it;
+        what the run holds is released on the way out, after the server stops."""
+        raise NotImplementedError
 
+    def _notes(self, url: str) -> list[str]:
+        """What the run says under `serving on URL`, one line each."""
+        return []
+
+    def _receipt(self, client: ClientMeter, error: str | None) -> None:
+        """The line printed as a billed request ends (serve --as, proxy)."""
+        from .display import format_receipt
+
+        if self.quiet:
+            return
+        receipt = format_receipt(client.bill(time.monotonic(), self.price), error)
+        self.console.print(f"sserelay: {receipt}", highlight=False, markup=False)
+
+
+def _active_requests(meter: Meter) -> list[str]:
+    """A live row for each request in flight, the first eight of them."""
+    from .display import format_active
+
+    now = time.monotonic()
+    active = [format_active(c, now) for c in meter.clients if c.active]
+    return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
+
+
+class _ServeRun(_Run):
+    """`serve`: one hub over the source, broadcast to every client, and /ui."""
+
+    def __init__(
+        self,
+        console: Console,
+        tokenizer: Tokenizer,
+        price: float | None,
+        quiet: bool,
+        *,
+        source: Any,
+        hub_options: dict[str, Any],
+        session_options: dict[str, Any],
+        ui_settings: dict[str, str],
+    ) -> None:
+        super().__init__(console, tokenizer, price, quiet)
+        self.source = source
+        self.hub_options = hub_options
+        self.session_options = session_options
+        self.ui_settings = ui_settings
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
+        import os
+
+        from .app import StreamSession, create_app, ui_page
+        from .hub import Hub
+
+        hub = Hub(self.source, **self.hub_options)
+        session = StreamSession(hub, meter, **self.session_options)
+        if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
+            # For the leak tests only; not an option, not documented to users.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._print_tasks)
         try:
-            await serve_app(
-                create_app(session, ui=ui_page(**self.ui_settings)),
-                sock,
-                finished=session.finished,
-                on_signal=on_signal,
-                on_ready=on_ready,
-            )
+            yield session, create_app(session, ui=ui_page(**self.ui_settings))
         finally:
-            await live.stop()
             await hub.aclose()
-        bill = meter.bill(session.reason or "interrupted")
-        return bill, session.error, signals[0] if signals else None
+
+    def _print_tasks(self) -> None:
+        count = len(asyncio.all_tasks())
+        self.console.print(f"sserelay: debug: {count} tasks", highlight=False)
 
 
 def _open_source(source: str, chunk: str) -> Any:
@@ -451,15 +538,18 @@ def _mock_run(
     source: str,
     chunk: str,
     provider: str,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     price: float | None,
     quiet: bool,
     pacing: dict[str, Any],
+    *,
+    heartbeat: float | None,
+    once: bool,
 ) -> _MockRun:
     """The `serve --as` run: a file (or recording) is read anew for each request,
     stdin once and kept; each request is paced on its own."""
     from .errors import SourceError
-    from .mock import FileText, SharedText, Text
+    from .mock import FileText, SharedText
     from .pacing import Pacer
     from .replay import RecordingSource, looks_like_recording
     from .sources import TextSource
@@ -488,121 +578,64 @@ def _mock_run(
     pacer = Pacer(**pacing)
     return _MockRun(
         console,
-        provider,
-        text,
         tokenizer,
         price,
         quiet,
-        line_ends=chunk == "line" and not recording,
-        pacer=(lambda: Pacer(**pacing)) if pacer.active else None,
+        provider=provider,
+        text=text,
+        mock_options={
+            "line_ends": chunk == "line" and not recording,
+            "pacer": (lambda: Pacer(**pacing)) if pacer.active else None,
+            "heartbeat": heartbeat,
+            "once": once,
+        },
     )
 
 
-class _MockRun:
-    """Wires text, meter, mock endpoint, server and display for one `serve --as` run."""
+class _MockRun(_Run):
+    """`serve --as PROVIDER`: the provider's API, mocked; each request is billed on its own."""
+
+    request_rows = True
 
     def __init__(
         self,
         console: Console,
-        provider: str,
-        text: Any,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         price: float | None,
         quiet: bool,
         *,
-        line_ends: bool,
-        pacer: Any,
+        provider: str,
+        text: Text,
+        mock_options: dict[str, Any],
     ) -> None:
-        self.console = console
+        super().__init__(console, tokenizer, price, quiet)
         self.provider = provider
-        self.pacer = pacer
         self.text = text
-        self.tokenizer = tokenizer
-        self.price = price
-        self.quiet = quiet
-        self.line_ends = line_ends
+        self.mock_options = mock_options
 
-    def start(
-        self, host: str, port: int, heartbeat: float | None, once: bool
-    ) -> tuple[Bill, str | None, int | None]:
-        from .server import ListenError, listen, run_event_loop
-
-        try:
-            sock = listen(host, port)
-        except ListenError as exc:
-            _fail(self.console, str(exc), EXIT_ERROR)
-        try:
-            return run_event_loop(self._run(sock, heartbeat, once))
-        except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
-            sys.exit(EXIT_CODES["interrupted"])
-
-    async def _run(
-        self, sock: Any, heartbeat: float | None, once: bool
-    ) -> tuple[Bill, str | None, int | None]:
-        import time
-
-        from .display import LiveCounter, format_active, format_receipt
-        from .meter import ClientMeter, Meter
-        from .mock import COMPLETION_PATHS, Mock, SharedText, create_mock_app
-        from .server import bound_address, serve_app
-
-        meter = Meter(self.tokenizer.name, self.price)
-
-        def on_finished(client: ClientMeter, error: str | None) -> None:
-            if self.quiet:
-                return
-            receipt = format_receipt(client.bill(time.monotonic(), self.price), error)
-            self.console.print(f"sserelay: {receipt}", highlight=False, markup=False)
+    @contextlib.asynccontextmanager
+    async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
+        from .mock import Mock, SharedText, create_mock_app
 
         mock = Mock(
             self.provider,
             self.text,
             meter,
             tokenizer=self.tokenizer,
-            line_ends=self.line_ends,
-            pacer=self.pacer,
-            heartbeat=heartbeat,
-            once=once,
-            on_finished=on_finished,
+            on_finished=self._receipt,
+            **self.mock_options,
         )
-        signals: list[int] = []
-
-        def on_signal(signum: int) -> None:
-            signals.append(signum)
-            mock.interrupt()
-
-        def rows() -> list[str]:
-            now = time.monotonic()
-            active = [format_active(c, now) for c in meter.clients if c.active]
-            return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
-
-        live = LiveCounter(self.console, meter.totals, quiet=self.quiet, rows=rows)
-
-        def on_ready() -> None:
-            url = bound_address(sock).url
-            self.console.print(f"sserelay: serving on {url}", highlight=False, markup=False)
-            self.console.print(
-                f"sserelay: mock {self.provider} API at POST "
-                f"{url.rstrip('/')}{COMPLETION_PATHS[self.provider]}",
-                highlight=False,
-                markup=False,
-            )
-            live.start()
-
         try:
-            await serve_app(
-                create_mock_app(mock),
-                sock,
-                finished=mock.finished,
-                on_signal=on_signal,
-                on_ready=on_ready,
-            )
+            yield mock, create_mock_app(mock)
         finally:
-            await live.stop()
             if isinstance(self.text, SharedText):
                 await self.text.aclose()
-        bill = meter.bill(mock.reason or "interrupted")
-        return bill, mock.error, signals[0] if signals else None
+
+    def _notes(self, url: str) -> list[str]:
+        from .mock import COMPLETION_PATHS
+
+        path = COMPLETION_PATHS[self.provider]
+        return [f"mock {self.provider} API at POST {url.rstrip('/')}{path}"]
 
 
 class _HeaderLines(click.types.StringParamType):
@@ -782,17 +815,24 @@ def proxy(
             recorder = Recorder(record_file)
         except OSError as exc:
             _fail(console, f"cannot write {record_file}: {exc.strerror or exc}", EXIT_ERROR)
-    run = _ProxyRun(console, target, counter, price, price_list, quiet)
-    options = {
-        "payload": payload,
-        "keep_comments": keep_comments,
-        "include_usage": include_usage,
-        "heartbeat": heartbeat or None,
-        "once": once,
-        "recorder": recorder,
-    }
+    run = _ProxyRun(
+        console,
+        counter,
+        price,
+        quiet,
+        upstream=target,
+        prices=price_list,
+        proxy_options={
+            "payload": payload,
+            "keep_comments": keep_comments,
+            "include_usage": include_usage,
+            "heartbeat": heartbeat or None,
+            "once": once,
+            "recorder": recorder,
+        },
+    )
     try:
-        bill, error, signum = run.start(host, port, options)
+        bill, error, signum = run.start(host, port)
     finally:
         if recorder is not None:
             recorder.close()
@@ -801,112 +841,54 @@ def proxy(
     _finish(console, bill, error, signum, as_json)
 
 
-class _ProxyRun:
-    """Wires upstream, meter, proxy endpoint, server and display for one `proxy` run."""
+class _ProxyRun(_Run):
+    """`proxy`: each request forwarded to the upstream, relayed and billed on its own."""
+
+    request_rows = True
 
     def __init__(
         self,
         console: Console,
-        upstream: Any,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         price: float | None,
-        prices: Any,
         quiet: bool,
+        *,
+        upstream: Upstream,
+        prices: PriceList | None,
+        proxy_options: dict[str, Any],
     ) -> None:
-        self.console = console
+        super().__init__(console, tokenizer, price, quiet)
         self.upstream = upstream
-        self.tokenizer = tokenizer
-        self.price = price
         self.prices = prices
-        self.quiet = quiet
+        self.proxy_options = proxy_options
 
-    def start(
-        self, host: str, port: int, options: dict[str, Any]
-    ) -> tuple[Bill, str | None, int | None]:
-        from .server import ListenError, listen, run_event_loop
-
-        try:
-            sock = listen(host, port)
-        except ListenError as exc:
-            _fail(self.console, str(exc), EXIT_ERROR)
-        try:
-            return run_event_loop(self._run(sock, options))
-        except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
-            sys.exit(EXIT_CODES["interrupted"])
-
-    async def _run(self, sock: Any, options: dict[str, Any]) -> tuple[Bill, str | None, int | None]:
-        import time
-
-        from .display import LiveCounter, format_active, format_receipt
-        from .meter import ClientMeter, Meter
+    @contextlib.asynccontextmanager
+    async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
         from .proxy import Proxy, create_proxy_app
-        from .server import bound_address, serve_app
 
-        meter = Meter(self.tokenizer.name, self.price)
-        once = bool(options["once"])
-
-        def on_finished(client: ClientMeter, error: str | None) -> None:
-            if self.quiet:
-                return
-            receipt = format_receipt(client.bill(time.monotonic(), self.price), error)
-            self.console.print(f"sserelay: {receipt}", highlight=False, markup=False)
+        def once_receipt(client: ClientMeter, error: str | None) -> None:
+            # With --once the run's error line says it; the receipt need not say it twice.
+            self._receipt(client, None)
 
         proxy = Proxy(
             self.upstream,
             meter,
             tokenizer=self.tokenizer,
             prices=self.prices,
-            on_finished=on_finished if not once else self._once_receipt(on_finished),
-            **options,
+            on_finished=once_receipt if self.proxy_options["once"] else self._receipt,
+            **self.proxy_options,
         )
-        signals: list[int] = []
-
-        def on_signal(signum: int) -> None:
-            signals.append(signum)
-            proxy.interrupt()
-
-        def rows() -> list[str]:
-            now = time.monotonic()
-            active = [format_active(c, now) for c in meter.clients if c.active]
-            return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
-
-        live = LiveCounter(self.console, meter.totals, quiet=self.quiet, rows=rows)
-
-        def on_ready() -> None:
-            self.console.print(
-                f"sserelay: serving on {bound_address(sock).url}", highlight=False, markup=False
-            )
-            self.console.print(
-                f"sserelay: proxying to {self.upstream.display}", highlight=False, markup=False
-            )
-            if options["recorder"] is not None:
-                self.console.print(
-                    f"sserelay: recording the first request to {options['recorder'].path}",
-                    highlight=False,
-                    markup=False,
-                )
-            live.start()
-
         try:
-            await serve_app(
-                create_proxy_app(proxy),
-                sock,
-                finished=proxy.finished,
-                on_signal=on_signal,
-                on_ready=on_ready,
-            )
+            yield proxy, create_proxy_app(proxy)
         finally:
-            await live.stop()
             await self.upstream.aclose()
-        bill = meter.bill(proxy.reason or "interrupted")
-        return bill, proxy.error, signals[0] if signals else None
 
-    @staticmethod
-    def _once_receipt(
-        on_finished: Callable[[Any, str | None], None],
-    ) -> Callable[[Any, str | None], None]:
-        # With --once the run's error line says it; the receipt need not say it twice.
-        return lambda client, error: on_finished(client, None)
+    def _notes(self, url: str) -> list[str]:
+        notes = [f"proxying to {self.upstream.display}"]
+        recorder = self.proxy_options["recorder"]
+        if recorder is not None:
+            notes.append(f"recording the first request to {recorder.path}")
+        return notes
 
 
 def _fail(console: Console, message: str, code: int) -> None:
