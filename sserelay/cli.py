@@ -11,8 +11,9 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import click
 
@@ -296,13 +297,9 @@ def serve(
     from .hub import DEFAULT_MAX_LAG
     from .pacing import Pacer
     from .replay import RecordingSource
-    from .tokens import get_tokenizer
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    try:
-        counter = get_tokenizer(tokenizer)
-    except KeyError as exc:
-        raise click.BadParameter(str(exc.args[0]), param_hint="'--tokenizer'") from None
+    counter = _get_tokenizer(tokenizer)
     if once and provider is None:
         raise click.UsageError("--once goes with --as (a plain stream ends by itself)")
     if max_lag is None:
@@ -382,6 +379,7 @@ class _Endpoint(Protocol):
     def interrupt(self) -> None: ...
 
 
+@dataclass
 class _Run:
     """The life cycle every command's run shares: listen, serve the endpoint
     until it finishes or a signal ends it, with the live counter on stderr, and
@@ -391,15 +389,12 @@ class _Run:
     `serving on URL` (`_notes`), and whether the live counter shows a row per
     request in flight (`request_rows`)."""
 
-    request_rows = False
+    request_rows: ClassVar[bool] = False
 
-    def __init__(
-        self, console: Console, tokenizer: Tokenizer, price: float | None, quiet: bool
-    ) -> None:
-        self.console = console
-        self.tokenizer = tokenizer
-        self.price = price
-        self.quiet = quiet
+    console: Console
+    tokenizer: Tokenizer
+    price: float | None
+    quiet: bool
 
     def start(self, host: str, port: int) -> tuple[Bill, str | None, int | None]:
         from .server import ListenError, listen, run_event_loop
@@ -471,26 +466,14 @@ def _active_requests(meter: Meter) -> list[str]:
     return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
 
 
+@dataclass(kw_only=True)
 class _ServeRun(_Run):
     """`serve`: one hub over the source, broadcast to every client, and /ui."""
 
-    def __init__(
-        self,
-        console: Console,
-        tokenizer: Tokenizer,
-        price: float | None,
-        quiet: bool,
-        *,
-        source: Any,
-        hub_options: dict[str, Any],
-        session_options: dict[str, Any],
-        ui_settings: dict[str, str],
-    ) -> None:
-        super().__init__(console, tokenizer, price, quiet)
-        self.source = source
-        self.hub_options = hub_options
-        self.session_options = session_options
-        self.ui_settings = ui_settings
+    source: Any
+    hub_options: dict[str, Any]
+    session_options: dict[str, Any]
+    ui_settings: dict[str, str]
 
     @contextlib.asynccontextmanager
     async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
@@ -592,26 +575,15 @@ def _mock_run(
     )
 
 
+@dataclass(kw_only=True)
 class _MockRun(_Run):
     """`serve --as PROVIDER`: the provider's API, mocked; each request is billed on its own."""
 
-    request_rows = True
+    request_rows: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        console: Console,
-        tokenizer: Tokenizer,
-        price: float | None,
-        quiet: bool,
-        *,
-        provider: str,
-        text: Text,
-        mock_options: dict[str, Any],
-    ) -> None:
-        super().__init__(console, tokenizer, price, quiet)
-        self.provider = provider
-        self.text = text
-        self.mock_options = mock_options
+    provider: str
+    text: Text
+    mock_options: dict[str, Any]
 
     @contextlib.asynccontextmanager
     async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
@@ -784,14 +756,10 @@ def proxy(
     from rich.console import Console
 
     from .prices import PriceList, PriceListError
-    from .tokens import get_tokenizer
     from .upstream import Timeouts, Upstream
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    try:
-        counter = get_tokenizer(tokenizer)
-    except KeyError as exc:
-        raise click.BadParameter(str(exc.args[0]), param_hint="'--tokenizer'") from None
+    counter = _get_tokenizer(tokenizer)
     price_list = None
     if prices_file is not None:
         try:
@@ -841,26 +809,15 @@ def proxy(
     _finish(console, bill, error, signum, as_json)
 
 
+@dataclass(kw_only=True)
 class _ProxyRun(_Run):
     """`proxy`: each request forwarded to the upstream, relayed and billed on its own."""
 
-    request_rows = True
+    request_rows: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        console: Console,
-        tokenizer: Tokenizer,
-        price: float | None,
-        quiet: bool,
-        *,
-        upstream: Upstream,
-        prices: PriceList | None,
-        proxy_options: dict[str, Any],
-    ) -> None:
-        super().__init__(console, tokenizer, price, quiet)
-        self.upstream = upstream
-        self.prices = prices
-        self.proxy_options = proxy_options
+    upstream: Upstream
+    prices: PriceList | None
+    proxy_options: dict[str, Any]
 
     @contextlib.asynccontextmanager
     async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
@@ -889,6 +846,16 @@ class _ProxyRun(_Run):
         if recorder is not None:
             notes.append(f"recording the first request to {recorder.path}")
         return notes
+
+
+def _get_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer `--tokenizer NAME` names; a usage error lists the known ones."""
+    from .tokens import get_tokenizer
+
+    try:
+        return get_tokenizer(name)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="'--tokenizer'") from None
 
 
 def _fail(console: Console, message: str, code: int) -> None:
