@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -22,6 +22,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .asgi import ASGISink, healthz, peer, uncancel
 from .errors import ClientDisconnected, SourceError
 from .hub import Hub, Listener
 from .meter import ClientMeter, Meter
@@ -29,51 +30,6 @@ from .stream import SSE_HEADERS, relay_frames
 
 #: How long an interrupted stream waits for a client to take its terminating chunk.
 END_TIMEOUT = 2.0
-
-
-class ASGISink:
-    """An EventSink over one ASGI response."""
-
-    def __init__(self, receive: Receive, send: Send) -> None:
-        self._receive = receive
-        self._send = send
-        self._buffer: list[bytes] = []
-        self.started = False
-        self.disconnected = False
-
-    async def start(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        await self._send({"type": "http.response.start", "status": 200, "headers": list(headers)})
-        self.started = True
-
-    def write(self, data: bytes) -> None:
-        self._buffer.append(data)
-
-    async def flush(self) -> bool:
-        body = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-        self._buffer.clear()
-        await self._send({"type": "http.response.body", "body": body, "more_body": True})
-        # uvicorn drops a write to a closed connection without a word. If the
-        # connection was lost before this write, the watcher's wake-up is
-        # already queued: one yield lets it run, so a lost write is never billed.
-        await asyncio.sleep(0)
-        return not self.disconnected
-
-    async def wait_disconnected(self) -> None:
-        # The first receive() of a GET is its (empty) body; only later ones
-        # report the disconnect.
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        self.disconnected = True
-
-    async def end(self) -> None:
-        """Finish the response cleanly (the terminating chunk), if the client is still there."""
-        if self.started and not self.disconnected:
-            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _peer(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +121,7 @@ class StreamSession:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        client = self.meter.open_client(_peer(scope))
+        client = self.meter.open_client(peer(scope))
         cut = self._cut_off(task, _abort(scope))
         last_event_id = _header(scope, b"last-event-id") or _query(scope, "last_event_id")
         listener = self.hub.join(last_event_id, on_cut=cut)
@@ -257,9 +213,7 @@ class StreamSession:
         except asyncio.CancelledError:
             if not (self._interrupting or listener.cut):
                 raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+            uncancel()
             if listener.cut:
                 return "slow_client", None
             await self._end_now(sink)
@@ -293,10 +247,6 @@ class StreamSession:
             self._finish(reason, error)
 
 
-async def _healthz(request: Request) -> Response:
-    return PlainTextResponse("ok\n")
-
-
 def ui_page(**settings: str) -> str:
     """The `/ui` page (sserelay/ui.html) with its `{{name}}` settings filled in, HTML-escaped."""
     page = resources.files("sserelay").joinpath("ui.html").read_text(encoding="utf-8")
@@ -326,7 +276,7 @@ def create_app(stream: Callable[[Scope, Receive, Send], Any], ui: str | None = N
     routes = [
         Route("/", stream, methods=["GET", "OPTIONS"]),
         Route("/events", stream, methods=["GET", "OPTIONS"]),
-        Route("/healthz", _healthz, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
     ]
     if ui is not None:
         routes.append(Route("/ui", ui_endpoint, methods=["GET"]))

@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .app import ASGISink
+from .asgi import ASGISink, healthz, peer, read_body, uncancel
 from .errors import ClientDisconnected, SourceError
 from .meter import ClientMeter, Meter
 from .pacing import Pacer
@@ -230,7 +230,7 @@ class Mock:
             refusal = error_body(self.provider, f"sserelay: {busy}", "overloaded_error")
             await _json_response(refusal, 503)(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:
             return  # gone before it asked anything: nothing to bill
         try:
@@ -239,7 +239,7 @@ class Mock:
             await _json_response(error_body(self.provider, str(exc)), 400)(scope, receive, send)
             return
         self._claimed = True
-        client = self.meter.open_client(_peer(scope))
+        client = self.meter.open_client(peer(scope))
         client.method = scope["method"]
         client.path = scope["path"]
         client.model = request.model
@@ -294,9 +294,7 @@ class Mock:
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+            uncancel()
             return "interrupted", None  # cut, as above
         finally:
             await passes.aclose()  # also when the answer never started reading it
@@ -374,27 +372,6 @@ def _json_response(body: dict[str, Any], status: int = 200) -> Response:
     return Response(encode_json(body), status_code=status, media_type="application/json")
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body; None if the client left before sending it."""
-    parts: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-def _peer(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else ""
-
-
-async def _healthz(request: Request) -> Response:
-    return PlainTextResponse("ok\n")
-
-
 def create_mock_app(mock: Mock) -> Starlette:
     """The completion route (with and without `/v1`), `GET /v1/models`, `/healthz`,
     and a provider-shaped 404 for anything else."""
@@ -407,7 +384,7 @@ def create_mock_app(mock: Mock) -> Starlette:
             Route(short, complete, methods=["POST"]),
             Route("/v1/models", mock.models, methods=["GET"]),
             Route("/models", mock.models, methods=["GET"]),
-            Route("/healthz", _healthz, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
             Route("/{path:path}", _ASGI(mock.not_found)),
         ]
     )

@@ -19,11 +19,11 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .asgi import healthz, peer, read_body, uncancel
 from .errors import ClientDisconnected, UpstreamError, UpstreamTimeout
 from .formats import PayloadMeter
 from .meter import ClientMeter, Meter
@@ -153,7 +153,7 @@ class Proxy:
             await PlainTextResponse(f"sserelay: {busy}\n", status_code=503)(scope, receive, send)
             return
         self._claimed = True
-        client = self.meter.open_client(_peer(scope))
+        client = self.meter.open_client(peer(scope))
         client.method = scope["method"]
         client.path = scope["path"]  # never the query: keys travel there
         task = asyncio.current_task()
@@ -184,7 +184,7 @@ class Proxy:
         frames: AsyncGenerator[Frames, None] | None = None
         recorder = self.recorder if self.recorder is not None and self.recorder.claim() else None
         try:
-            body = await _read_body(receive)
+            body = await read_body(receive)
             if body is None:
                 return "client_disconnected", None
             body, strip_usage, model = self._prepare(body)
@@ -242,9 +242,7 @@ class Proxy:
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+            uncancel()
             if not sink.started:
                 await _plain(send, 503, "sserelay: shutting down\n")
             return "interrupted", None  # a started response is cut, as above
@@ -390,18 +388,6 @@ def _error_detail(body: str) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body; None if the client left before sending it."""
-    parts: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
 async def _watch(receive: Receive, gone: asyncio.Event) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -442,20 +428,11 @@ async def _plain(send: Send, status: int, text: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _peer(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else ""
-
-
-async def _healthz(request: Request) -> Response:
-    return PlainTextResponse("ok\n")
-
-
 def create_proxy_app(proxy: Proxy) -> Starlette:
     """`ok` at `/healthz`; every other path and method goes to `proxy`."""
     return Starlette(
         routes=[
-            Route("/healthz", _healthz, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
             Route("/{path:path}", proxy),
         ]
     )
