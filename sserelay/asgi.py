@@ -1,17 +1,26 @@
 """The ASGI side every endpoint (the stream, the mock, the proxy) shares.
 
 `ASGISink` is the EventSink over one response; the functions read a request
-(its body, its peer), watch for its disconnect, and answer `/healthz`.
+(its body, its peer) and answer `/healthz`. `RequestEndpoint` is the life
+cycle of the mock and the proxy, which bill each request on its own row.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
+
+from .meter import ClientMeter, Meter
+
+#: Called with each request's meter, closed, and its error message (None if it had none).
+OnFinished = Callable[[ClientMeter, "str | None"], None]
+#: How a request ended: its reason (a bill reason) and its error message, if any.
+Outcome = tuple[str, "str | None"]
 
 
 class ASGISink:
@@ -82,3 +91,74 @@ def uncancel() -> None:
 
 async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
+
+
+class RequestEndpoint:
+    """An endpoint that bills each request on its own row (`serve --as`, `proxy`).
+
+    `finished` is set when the run is over: on interrupt(), or with `once`
+    after the first billed request ends (its reason and error are then the
+    run's). `on_finished` sees each request as it ends."""
+
+    def __init__(self, meter: Meter, *, once: bool, on_finished: OnFinished) -> None:
+        self.meter = meter
+        self.once = once
+        self.on_finished = on_finished
+        self.finished = asyncio.Event()
+        self.reason: str | None = None
+        self.error: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._claimed = False
+        self._interrupting = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether a new request is refused: shutting down, or (`once`) the one request taken."""
+        return (self.once and self._claimed) or self._interrupting
+
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM: cut every open request and finish."""
+        self._interrupting = True
+        for task in self._tasks:
+            task.cancel()
+        self._finish("interrupted")
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.error = error
+        self.finished.set()
+
+    async def _bill_request(
+        self,
+        scope: Scope,
+        handle: Callable[[ClientMeter], Awaitable[Outcome]],
+        *,
+        unforeseen: Outcome,
+    ) -> None:
+        """Run `handle` for this request as a row of the bill, cut by interrupt().
+        `unforeseen` is the outcome if something escapes `handle`: the request is
+        still billed and `once` still ends, rather than waiting for a request that is gone."""
+        self._claimed = True
+        client = self.meter.open_client(peer(scope))
+        client.method = scope["method"]
+        client.path = scope["path"]  # never the query: keys travel there
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        outcome = unforeseen
+        try:
+            outcome = await handle(client)
+        finally:
+            self._tasks.discard(task)
+            reason, error = outcome
+            client.close(reason)
+            error = self._ended(error)
+            self.on_finished(client, error)
+            if self.once:
+                self._finish(reason, error)
+
+    def _ended(self, error: str | None) -> str | None:
+        """A request has ended (and is closed on the meter) with `error`: the
+        error as its receipt and the run show it."""
+        return error

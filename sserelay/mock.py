@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .asgi import ASGISink, healthz, peer, read_body, uncancel
+from .asgi import ASGISink, OnFinished, Outcome, RequestEndpoint, healthz, read_body, uncancel
 from .errors import ClientDisconnected, SourceError
 from .meter import ClientMeter, Meter
 from .pacing import Pacer
@@ -45,9 +45,6 @@ from .sources import Batch, TimedBatch
 from .sse import Event, encode_event
 from .stream import SSE_HEADERS, Frames, relay_frames
 from .tokens import Tokenizer
-
-#: Called with each completion request's meter, closed, and its error (None if none).
-OnFinished = Callable[[ClientMeter, "str | None"], None]
 
 JSON_HEADERS = ((b"content-type", b"application/json"),)
 
@@ -161,11 +158,10 @@ class SharedText:
                 await self._reader
 
 
-class Mock:
-    """The ASGI endpoint of `serve --as PROVIDER`.
+class Mock(RequestEndpoint):
+    """The ASGI endpoint of `serve --as PROVIDER`; each completion request is a
+    row of the bill (and, with `once`, the run's one request).
 
-    `finished` is set when the run is over: on interrupt(), or with `once` after
-    the first completion request ends (its reason and error are the run's).
     With `line_ends`, each chunk is a line whose line end is given back (`\\n`),
     so the deltas join to the file's text."""
 
@@ -184,34 +180,13 @@ class Mock:
     ) -> None:
         if provider not in COMPLETION_PATHS:
             raise ValueError(f"unknown provider {provider!r}")
+        super().__init__(meter, once=once, on_finished=on_finished)
         self.provider = provider
         self.text = text
-        self.meter = meter
         self.tokenizer = tokenizer
         self.line_ends = line_ends
         self.pacer = pacer
         self.heartbeat = heartbeat
-        self.once = once
-        self.on_finished = on_finished
-        self.finished = asyncio.Event()
-        self.reason: str | None = None
-        self.error: str | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._claimed = False
-        self._interrupting = False
-
-    def interrupt(self) -> None:
-        """Ctrl-C or SIGTERM: cut every open request and finish."""
-        self._interrupting = True
-        for task in self._tasks:
-            task.cancel()
-        self._finish("interrupted")
-
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.error = error
-        self.finished.set()
 
     async def models(self, request: Request) -> Response:
         return _json_response(models_list(self.provider))
@@ -225,7 +200,7 @@ class Mock:
 
     async def complete(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A completion request: stream (or send whole) the text, metered."""
-        if (self.once and self._claimed) or self._interrupting:
+        if self.closed:
             busy = "already answered its one request (--once)" if self.once else "shutting down"
             refusal = error_body(self.provider, f"sserelay: {busy}", "overloaded_error")
             await _json_response(refusal, 503)(scope, receive, send)
@@ -238,30 +213,21 @@ class Mock:
         except ValueError as exc:
             await _json_response(error_body(self.provider, str(exc)), 400)(scope, receive, send)
             return
-        self._claimed = True
-        client = self.meter.open_client(peer(scope))
-        client.method = scope["method"]
-        client.path = scope["path"]
-        client.model = request.model
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        # Used only if something unforeseen escapes _answer(): the request is still billed.
-        outcome: tuple[str, str | None] = ("input_error", "the mock failed unexpectedly")
-        try:
-            outcome = await self._answer(request, scope, receive, send, client)
-        finally:
-            self._tasks.discard(task)
-            reason, error = outcome
-            client.close(reason)
-            self.meter.invalid_utf8_bytes = self.text.invalid_utf8_bytes
-            self.on_finished(client, error)
-            if self.once:
-                self._finish(reason, error)
+        await self._bill_request(
+            scope,
+            lambda client: self._answer(request, scope, receive, send, client),
+            unforeseen=("input_error", "the mock failed unexpectedly"),
+        )
+
+    def _ended(self, error: str | None) -> str | None:
+        # A file's count is its own (read anew each time); stdin's grows as it is read.
+        self.meter.invalid_utf8_bytes = self.text.invalid_utf8_bytes
+        return error
 
     async def _answer(
         self, request: MockRequest, scope: Scope, receive: Receive, send: Send, client: ClientMeter
-    ) -> tuple[str, str | None]:
+    ) -> Outcome:
+        client.model = request.model
         answer = new_answer(self.provider, request, secrets.token_hex(12), int(time.time()))
         prompt_tokens = sum(self.tokenizer.count(text) for text in request.prompt)
         try:

@@ -23,7 +23,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .asgi import healthz, peer, read_body, uncancel
+from .asgi import OnFinished, Outcome, RequestEndpoint, healthz, read_body, uncancel
 from .errors import ClientDisconnected, UpstreamError, UpstreamTimeout
 from .formats import PayloadMeter
 from .meter import ClientMeter, Meter
@@ -37,8 +37,6 @@ from .upstream import Headers, Upstream, UpstreamResponse
 
 T = TypeVar("T")
 Relay = EventRelay | LineRelay | BodyRelay
-#: Called with each request's meter, closed, and its error message (None if it had none).
-OnFinished = Callable[[ClientMeter, "str | None"], None]
 
 
 class _ProxySink:
@@ -84,12 +82,9 @@ class _ProxySink:
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-class Proxy:
-    """The ASGI endpoint of `sserelay proxy`.
-
-    `finished` is set when the run is over: on interrupt(), or with `once`
-    after the first proxied request ends (its reason and error are then the
-    run's). `on_finished` sees each request as it ends."""
+class Proxy(RequestEndpoint):
+    """The ASGI endpoint of `sserelay proxy`; each proxied request is a row of
+    the bill (and, with `once`, the run's one request)."""
 
     def __init__(
         self,
@@ -107,37 +102,16 @@ class Proxy:
         recorder: Recorder | None = None,
     ) -> None:
         PayloadMeter(payload)  # an unknown kind is a ValueError now, not per request
+        super().__init__(meter, once=once, on_finished=on_finished)
         self.upstream = upstream
-        self.meter = meter
         self.tokenizer = tokenizer
         self.payload = payload
         self.keep_comments = keep_comments
         self.include_usage = include_usage
         self.heartbeat = heartbeat
         self.prices = prices
-        self.once = once
-        self.on_finished = on_finished
         self.recorder = recorder
-        self.finished = asyncio.Event()
-        self.reason: str | None = None
-        self.error: str | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._claimed = False
-        self._interrupting = False
         self._secrets = sorted(upstream.secrets, key=len, reverse=True)
-
-    def interrupt(self) -> None:
-        """Ctrl-C or SIGTERM: cut every open request (and its upstream) and finish."""
-        self._interrupting = True
-        for task in self._tasks:
-            task.cancel()
-        self._finish("interrupted")
-
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.error = error
-        self.finished.set()
 
     def redact(self, text: str) -> str:
         """`text` with every configured secret replaced by `***`."""
@@ -148,34 +122,22 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        if (self.once and self._claimed) or self._interrupting:
+        if self.closed:
             busy = "already proxied its one request (--once)" if self.once else "shutting down"
             await PlainTextResponse(f"sserelay: {busy}\n", status_code=503)(scope, receive, send)
             return
-        self._claimed = True
-        client = self.meter.open_client(peer(scope))
-        client.method = scope["method"]
-        client.path = scope["path"]  # never the query: keys travel there
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        # Used only if something unforeseen escapes _forward(): the request is still
-        # billed and --once still ends, rather than waiting for a request that is gone.
-        outcome: tuple[str, str | None] = ("upstream_error", "the proxy failed unexpectedly")
-        try:
-            outcome = await self._forward(scope, receive, send, client)
-        finally:
-            self._tasks.discard(task)
-            reason, error = outcome
-            client.close(reason)
-            error = None if error is None else self.redact(error)
-            self.on_finished(client, error)
-            if self.once:
-                self._finish(reason, error)
+        await self._bill_request(
+            scope,
+            lambda client: self._forward(scope, receive, send, client),
+            unforeseen=("upstream_error", "the proxy failed unexpectedly"),
+        )
+
+    def _ended(self, error: str | None) -> str | None:
+        return None if error is None else self.redact(error)
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, client: ClientMeter
-    ) -> tuple[str, str | None]:
+    ) -> Outcome:
         gone = asyncio.Event()
         sink = _ProxySink(send, gone)
         watcher: asyncio.Task[None] | None = None
