@@ -1,7 +1,7 @@
 """The ASGI side every endpoint (the stream, the mock, the proxy) shares.
 
 `ASGISink` is the EventSink over one response; the functions read a request
-(its body, its peer) and answer `/healthz`. `RequestEndpoint` is the life
+(its body, its peer), watch for its disconnect, and answer `/healthz`. `RequestEndpoint` is the life
 cycle of the mock and the proxy, which bill each request on its own row.
 """
 
@@ -24,17 +24,25 @@ Outcome = tuple[str, "str | None"]
 
 
 class ASGISink:
-    """An EventSink over one ASGI response."""
+    """An EventSink over one ASGI response, sent with `status` (200 unless set
+    before start()).
+
+    `gone` is set once the client has disconnected, and stays set. The sink
+    learns of it by reading `receive` in wait_disconnected(), which
+    relay_frames() runs for as long as the stream."""
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
         self._buffer: list[bytes] = []
+        self.status = 200
         self.started = False
-        self.disconnected = False
+        self.gone = asyncio.Event()
 
     async def start(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        await self._send({"type": "http.response.start", "status": 200, "headers": list(headers)})
+        await self._send(
+            {"type": "http.response.start", "status": self.status, "headers": list(headers)}
+        )
         self.started = True
 
     def write(self, data: bytes) -> None:
@@ -48,19 +56,24 @@ class ASGISink:
         # connection was lost before this write, the watcher's wake-up is
         # already queued: one yield lets it run, so a lost write is never billed.
         await asyncio.sleep(0)
-        return not self.disconnected
+        return not self.gone.is_set()
 
     async def wait_disconnected(self) -> None:
-        # The first receive() of a GET is its (empty) body; only later ones
-        # report the disconnect.
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        self.disconnected = True
+        await watch_disconnect(self._receive, self.gone)
 
     async def end(self) -> None:
         """Finish the response cleanly (the terminating chunk), if the client is still there."""
-        if self.started and not self.disconnected:
+        if self.started and not self.gone.is_set():
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    """Read `receive` until the client disconnects, then set `gone`."""
+    # The first receive() of a GET is its (empty) body; only later ones
+    # report the disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
 
 
 async def read_body(receive: Receive) -> bytes | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
@@ -23,7 +23,16 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .asgi import OnFinished, Outcome, RequestEndpoint, healthz, read_body, uncancel
+from .asgi import (
+    ASGISink,
+    OnFinished,
+    Outcome,
+    RequestEndpoint,
+    healthz,
+    read_body,
+    uncancel,
+    watch_disconnect,
+)
 from .errors import ClientDisconnected, UpstreamError, UpstreamTimeout
 from .formats import PayloadMeter
 from .meter import ClientMeter, Meter
@@ -39,47 +48,14 @@ T = TypeVar("T")
 Relay = EventRelay | LineRelay | BodyRelay
 
 
-class _ProxySink:
-    """An EventSink over one ASGI response, with the status the upstream gave."""
-
-    def __init__(self, send: Send, gone: asyncio.Event) -> None:
-        self._send = send
-        self._gone = gone
-        self._buffer: list[bytes] = []
-        self.status = 200
-        self.started = False
-
-    async def start(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        await self._send(
-            {"type": "http.response.start", "status": self.status, "headers": list(headers)}
-        )
-        self.started = True
-
-    def write(self, data: bytes) -> None:
-        self._buffer.append(data)
-
-    async def flush(self) -> bool:
-        """Send what was written. Raises ClientDisconnected (rather than returning
-        False) if the client had gone: relay_frames() passes a sink's exception
-        through as it is, whereas its handling of False leaks a private one
-        (see the xfails in tests/test_stream.py)."""
-        body = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-        self._buffer.clear()
-        await self._send({"type": "http.response.body", "body": body, "more_body": True})
-        # uvicorn drops a write to a closed connection without a word; one yield
-        # lets an already queued disconnect land first, so a lost write is not billed.
-        await asyncio.sleep(0)
-        if self._gone.is_set():
-            raise ClientDisconnected(0)
-        return True
+class _WatchedSink(ASGISink):
+    """An ASGISink whose disconnect the proxy watches itself, from the moment
+    the request body is in: a client that leaves while the upstream is still
+    connecting must close that connection too. Only that watcher may read
+    `receive`, so the sink waits for it to set `gone`."""
 
     async def wait_disconnected(self) -> None:
-        await self._gone.wait()
-
-    async def end(self) -> None:
-        """Finish the response cleanly, if the client is still there."""
-        if self.started and not self._gone.is_set():
-            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self.gone.wait()
 
 
 class Proxy(RequestEndpoint):
@@ -138,8 +114,7 @@ class Proxy(RequestEndpoint):
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, client: ClientMeter
     ) -> Outcome:
-        gone = asyncio.Event()
-        sink = _ProxySink(send, gone)
+        sink = _WatchedSink(receive, send)
         watcher: asyncio.Task[None] | None = None
         response: UpstreamResponse | None = None
         relay: Relay | None = None
@@ -151,10 +126,10 @@ class Proxy(RequestEndpoint):
                 return "client_disconnected", None
             body, strip_usage, model = self._prepare(body)
             client.model = model
-            watcher = asyncio.create_task(_watch(receive, gone))
+            watcher = asyncio.create_task(watch_disconnect(receive, sink.gone))
             try:
                 response = await _unless(
-                    gone,
+                    sink.gone,
                     self.upstream.open(
                         scope["method"],
                         scope.get("raw_path") or scope["path"].encode(),
@@ -348,12 +323,6 @@ def _error_detail(body: str) -> str:
                 break
     line = " ".join(text.split())
     return line if len(line) <= 160 else line[:157] + "..."
-
-
-async def _watch(receive: Receive, gone: asyncio.Event) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    gone.set()
 
 
 async def _unless(gone: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
