@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+from .chunking import LineSplitter
+
 # §9.2.5: lines end in CRLF, a lone LF or a lone CR; nothing else ends a line.
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _BOM = "\ufeff"
@@ -112,8 +114,7 @@ class SSEDecoder:
     sends); `retry` the last valid reconnection time."""
 
     def __init__(self) -> None:
-        self._pending = b""
-        self._skip_lf = False  # the previous chunk ended in CR: a leading LF is its pair
+        self._lines = LineSplitter()  # §9.2.5's line ends, a CR and its LF in two chunks too
         self._first_line = True
         self._data: list[str] = []
         self._event_type = ""
@@ -123,33 +124,16 @@ class SSEDecoder:
         self._retry_seen = False  # a retry field since the last dispatch, kept for relays
 
     def decode(self, chunk: bytes) -> list[Event]:
-        if not chunk:  # nothing new: a pending CR still waits for its LF
-            return []
-        if self._skip_lf and chunk.startswith(b"\n"):
-            chunk = chunk[1:]
-        self._skip_lf = False
-        if not chunk:
-            return []
-        buffer = self._pending + chunk
-        lines = buffer.splitlines()  # bytes.splitlines splits on CRLF, LF and CR only
-        if buffer.endswith(b"\r"):
-            self._skip_lf = True
-            self._pending = b""
-        elif buffer.endswith(b"\n"):
-            self._pending = b""
-        else:
-            self._pending = lines.pop()
         events: list[Event] = []
-        for raw in lines:
-            event = self._process_line(raw.decode("utf-8", errors="replace"))
+        for line in self._lines.decode(chunk):
+            event = self._process_line(line)
             if event is not None:
                 events.append(event)
         return events
 
     def flush(self) -> list[Event]:
         """End of stream: drop the unterminated last event (§9.2.6) and reset."""
-        self._pending = b""
-        self._skip_lf = False
+        self._lines.flush()  # a last line without its line end belongs to that event
         self._data = []
         self._event_type = ""
         self._retry_seen = False
