@@ -1,8 +1,9 @@
 """The ASGI side every endpoint (the stream, the mock, the proxy) shares.
 
 `ASGISink` is the EventSink over one response; the functions read a request
-(its body, its peer), watch for its disconnect, and answer `/healthz`. `RequestEndpoint` is the life
-cycle of the mock and the proxy, which bill each request on its own row.
+(its body, its peer), watch for its disconnect, and answer `/healthz`.
+`RequestEndpoint` is the life cycle of the mock and the proxy, which bill
+each request on its own row.
 """
 
 from __future__ import annotations
