@@ -343,7 +343,7 @@ def serve(
     # of one text, counted over the joined text (a word split in two is one token).
     count = counter.count if chunk == "line" else counter.counter().feed
     if isinstance(text_source, RecordingSource):
-        count = _payload_counter(counter)
+        count = _payload_counter(counter, text_source.payloads)
     run = _ServeRun(
         console,
         counter,
@@ -507,13 +507,13 @@ def _open_source(source: str, chunk: str) -> Any:
     return TextSource(source, chunk)
 
 
-def _payload_counter(tokenizer: Any) -> Callable[[str], int]:
-    """Tokens of replayed events, as the proxy metered them: the text inside each payload."""
-    from .formats import PayloadMeter
+def _payload_counter(tokenizer: Any, payloads: str) -> Callable[[str], int]:
+    """Tokens of replayed events, over the joined text inside their payloads."""
+    from .replay import ReplayText
 
-    payload = PayloadMeter()
+    text = ReplayText(payloads)
     counter = tokenizer.counter()
-    return lambda data: int(counter.feed(payload.feed(data).text))
+    return lambda data: int(counter.feed(text.feed(data)))
 
 
 def _mock_run(

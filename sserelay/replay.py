@@ -63,6 +63,16 @@ class RecordingSource:
             raise SourceError(f"cannot replay {path}: {exc}") from exc
         self._chunks = self._texts() if as_text else self._events()
 
+    @property
+    def payloads(self) -> str:
+        """How the replayed events hold the provider's payloads, as the proxy read the body:
+        'lines' for a stream that is neither SSE, text nor JSON (NDJSON: a payload per line,
+        and a line may end in a later event), else 'events' (each event's data is one)."""
+        kind = self.recording.header.content_type
+        if kind.startswith("text/") or kind == "application/json" or kind.endswith("+json"):
+            return "events"
+        return "lines"
+
     def _events(self) -> list[TimedBatch]:
         out = []
         for part in self.recording.parts:
@@ -92,3 +102,22 @@ class RecordingSource:
     async def batches(self) -> AsyncIterator[TimedBatch]:
         for batch in self._chunks:
             yield batch
+
+
+class ReplayText:
+    """The text inside each replayed event, which the bill counts: what sserelay.formats
+    finds in each payload, its format detected as the proxy detects it. `payloads` is the
+    recording's (`RecordingSource.payloads`); with 'lines', a last line with no line end
+    is never read (a provider ends every NDJSON line)."""
+
+    def __init__(self, payloads: str) -> None:
+        self.payload = PayloadMeter()
+        self._lines = LineSplitter() if payloads == "lines" else None
+
+    def feed(self, data: str) -> str:
+        """The text in the event whose data is `data`."""
+        if self._lines is None:
+            return self.payload.feed(data).text
+        # The data is decoded text already: encoding it again gives back the same text.
+        lines = self._lines.decode(data.encode())
+        return "".join(self.payload.feed(line).text for line in lines)

@@ -11,7 +11,7 @@ from sserelay.errors import SourceError
 from sserelay.formats import PayloadMeter
 from sserelay.recording import Chunk, Header, record_lines
 from sserelay.relays import EventRelay
-from sserelay.replay import RecordingSource, looks_like_recording
+from sserelay.replay import RecordingSource, ReplayText, looks_like_recording
 from sserelay.sources import TimedBatch
 from sserelay.sse import SSEDecoder
 from sserelay.tokens import get_tokenizer
@@ -62,6 +62,43 @@ def test_the_text_of_a_recorded_ndjson_body_however_its_writes_fell(tmp_path: Pa
     want = "".join(meter.feed(line).text for line in raw.decode().splitlines())
     texts = batches(RecordingSource(str(path), as_text=True))
     assert "".join(c for b in texts for c in b.chunks) == want
+
+
+@pytest.mark.parametrize(
+    ("content_type", "payloads"),
+    [
+        ("text/event-stream", "events"),
+        ("text/plain", "events"),
+        ("application/json", "events"),
+        ("application/problem+json", "events"),
+        ("application/x-ndjson", "lines"),
+    ],
+)
+def test_how_a_recording_holds_its_payloads(
+    tmp_path: Path, content_type: str, payloads: str
+) -> None:
+    path = tmp_path / "rec.jsonl"
+    path.write_text(Header("POST", "/", 200, content_type).line())
+    assert RecordingSource(str(path)).payloads == payloads
+
+
+@pytest.mark.parametrize("size", [1, 7, 50, 10_000])
+def test_the_text_serve_bills_for_a_replayed_ndjson_body_however_its_writes_fell(
+    size: int,
+) -> None:
+    raw = (PAYLOADS / "ollama_chat.ndjson").read_bytes()
+    text = ReplayText("lines")
+    got = "".join(text.feed(raw[i : i + size].decode()) for i in range(0, len(raw), size))
+    meter = PayloadMeter()
+    assert got == "".join(meter.feed(line).text for line in raw.decode().splitlines())
+    assert text.payload.kind == "ollama"
+
+
+def test_the_text_serve_bills_for_replayed_events_is_the_text_in_each_payload() -> None:
+    events = SSEDecoder().decode((PAYLOADS / "anthropic_thinking_tool.sse").read_bytes())
+    text = ReplayText("events")
+    meter = PayloadMeter()
+    assert [text.feed(e.data) for e in events] == [meter.feed(e.data).text for e in events]
 
 
 def test_plain_text_is_not_a_recording_and_a_broken_one_is_a_source_error(
