@@ -342,8 +342,11 @@ def serve(
     # A line is whole, so it is counted alone; words and raw reads are pieces
     # of one text, counted over the joined text (a word split in two is one token).
     count = counter.count if chunk == "line" else counter.counter().feed
+    # How /ui reads the events: the events are the text, unless they replay a provider's payloads.
+    payloads = ""
     if isinstance(text_source, RecordingSource):
-        count = _payload_counter(counter, text_source.payloads)
+        payloads = text_source.payloads
+        count = _payload_counter(counter, payloads)
     run = _ServeRun(
         console,
         counter,
@@ -362,7 +365,7 @@ def serve(
             "keep": keep,
             "access": Access(token=auth_token, max_clients=max_clients, cors_origin=cors_origin),
         },
-        ui_settings={"tokenizer": counter.name, "chunk": chunk},
+        ui_settings={"tokenizer": counter.name, "chunk": chunk, "payloads": payloads},
     )
     bill, error, signum = run.start(host, port)
     _finish(console, bill, error, signum, as_json)
@@ -508,7 +511,7 @@ def _open_source(source: str, chunk: str) -> Any:
 
 
 def _payload_counter(tokenizer: Any, payloads: str) -> Callable[[str], int]:
-    """Tokens of replayed events, over the joined text inside their payloads."""
+    """Tokens of replayed events, over the joined text inside their payloads (/ui counts so)."""
     from .replay import ReplayText
 
     text = ReplayText(payloads)

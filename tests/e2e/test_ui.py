@@ -25,7 +25,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from sserelay import count_tokens
+from sserelay.formats import PayloadMeter, openai_chunk
+from sserelay.recording import Block, Chunk, Header
+from sserelay.sse import Event, SSEDecoder
 from tests.conftest import Relay, wait_until
+
+PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
 
 #: Bounded waits, generous for a loaded 2-core machine; a passing run takes far less.
 START_TIMEOUT = 20.0
@@ -302,3 +307,53 @@ def test_the_page_passes_its_token_on_and_shows_a_refusal(
     page.wait_for({"status": "closed", "events": "0", "text": ""})  # 401: no reconnect
     page.goto(running.url + "ui?token=s3cret")
     page.wait_for({"events": "2", "tokens": "3", "lastId": "2", "text": "one two\nthree\n"})
+
+
+def write_recording(path: Path, name: str) -> str:
+    """A recording of the upstream answer tests/payloads/NAME, as `proxy --record` writes it;
+    returns the text inside its payloads. NDJSON is recorded in writes of 50 bytes, so a
+    write holds several lines and a line ends in a later write."""
+    raw = (PAYLOADS / name).read_bytes()
+    meter = PayloadMeter()
+    if name.endswith(".ndjson"):
+        header = Header("POST", "/api/chat", 200, "application/x-ndjson")
+        parts: list[Block | Chunk] = [
+            Chunk(i / 1000, raw[i : i + 50]) for i in range(0, len(raw), 50)
+        ]
+        text = "".join(meter.feed(line).text for line in raw.decode().splitlines())
+    else:
+        events = SSEDecoder().decode(raw)
+        if name.startswith("openai"):  # text the tokenizers and the page must read alike
+            extra = openai_chunk("c", "m", 1, content="naïve\u3000🚀 café\u00a0au lait ")
+            events.insert(1, Event(json.dumps(extra)))
+        header = Header("POST", "/v1", 200, "text/event-stream")
+        parts = [Block(i / 1000, e.data, e.event, e.id) for i, e in enumerate(events)]
+        text = "".join(meter.feed(e.data, e.event).text for e in events)
+    path.write_text(header.line() + "".join(part.line() for part in parts))
+    return text
+
+
+@pytest.mark.parametrize(
+    ("name", "tokenizer"),
+    [
+        ("openai_chat_usage.sse", "whitespace"),  # usage-only chunk and [DONE]: no text
+        ("openai_chat_usage.sse", "chars"),
+        ("anthropic_thinking_tool.sse", "whitespace"),  # thinking and tool input: no text
+        ("responses.sse", "whitespace"),  # *.done and response.completed repeat the text
+        ("gemini.sse", "chars"),
+        ("ollama_chat.ndjson", "whitespace"),
+    ],
+)
+def test_the_page_shows_the_text_of_a_replayed_recording_and_its_bill(
+    relay: Any, page: Page, tmp_path: Path, name: str, tokenizer: str
+) -> None:
+    path = tmp_path / "rec.jsonl"
+    text = write_recording(path, name)
+    assert text and "{" not in text
+    running: Relay = relay("serve", str(path), "--json", "--quiet", "--tokenizer", tokenizer)
+    page.goto(running.url + "ui")
+    bill = running.bill()
+    assert bill["tokens"] == (len(text) if tokenizer == "chars" else count_tokens(text))
+    shown = page.wait_for({"events": str(bill["events"])})
+    assert (shown["text"], shown["tokens"]) == (text, str(bill["tokens"]))
+    assert page.errors() == []
