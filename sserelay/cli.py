@@ -344,9 +344,11 @@ def serve(
     count = counter.count if chunk == "line" else counter.counter().feed
     # How /ui reads the events: the events are the text, unless they replay a provider's payloads.
     payloads = ""
+    count_end: Callable[[], int] | None = None
     if isinstance(text_source, RecordingSource):
         payloads = text_source.payloads
-        count = _payload_counter(counter, payloads)
+        replay_count = _ReplayCount(counter, payloads)
+        count, count_end = replay_count.feed, replay_count.flush
     run = _ServeRun(
         console,
         counter,
@@ -355,6 +357,7 @@ def serve(
         source=text_source,
         hub_options={
             "count": count,
+            "count_end": count_end,
             "ids": not no_ids,
             "history": history,
             "max_lag": max_lag,
@@ -510,13 +513,21 @@ def _open_source(source: str, chunk: str) -> Any:
     return TextSource(source, chunk)
 
 
-def _payload_counter(tokenizer: Any, payloads: str) -> Callable[[str], int]:
-    """Tokens of replayed events, over the joined text inside their payloads (/ui counts so)."""
-    from .replay import ReplayText
+class _ReplayCount:
+    """Tokens of replayed events, over the joined text inside their payloads (/ui counts
+    so); `flush()` at the end of the stream counts a last NDJSON line with no line end."""
 
-    text = ReplayText(payloads)
-    counter = tokenizer.counter()
-    return lambda data: int(counter.feed(text.feed(data)))
+    def __init__(self, tokenizer: Tokenizer, payloads: str) -> None:
+        from .replay import ReplayText
+
+        self._text = ReplayText(payloads)
+        self._counter = tokenizer.counter()
+
+    def feed(self, data: str) -> int:
+        return self._counter.feed(self._text.feed(data))
+
+    def flush(self) -> int:
+        return self._counter.feed(self._text.flush())
 
 
 def _mock_run(

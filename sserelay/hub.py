@@ -165,6 +165,7 @@ class Listener:
         self.truncated = truncated
         self.cut = False
         self._on_cut = on_cut
+        self._took = False  # has taken events: at the end, it has the last one
 
     def __aiter__(self) -> AsyncIterator[Frames]:
         return self
@@ -177,6 +178,7 @@ class Listener:
             frames = hub.log.read(self.cursor)
             if frames is not None:
                 self.cursor = hub.log.head
+                self._took = True
                 if self.truncated:
                     self.truncated = False
                     return Frames(HISTORY_TRUNCATED + frames.payload, frames.events, frames.tokens)
@@ -187,6 +189,10 @@ class Listener:
             if hub.error is not None:
                 raise SourceError(hub.error)
             if hub.ended:
+                if self._took and hub.end_tokens:
+                    # The last event's bytes are out; the tokens counted at the end go with them.
+                    self._took = False
+                    return Frames(b"", 0, hub.end_tokens)
                 raise StopAsyncIteration
             await hub.wait_for_more(self)
 
@@ -208,14 +214,19 @@ class Hub:
     stops the reader and closes the source.
 
     `count` gives each chunk's tokens, in order (a TokenCounter's `feed`
-    counts over the joined text). `pacer` spaces events out (`--rate`,
-    `--delay`, `--realtime`). `clock` and `sleep` are injected for tests."""
+    counts over the joined text). `count_end`, called once when the source
+    ends, gives the tokens `count` could not know until then (a last NDJSON
+    line with no line end): they are `end_tokens`, billed with no bytes to
+    every listener that took the last event, which carried that line.
+    `pacer` spaces events out (`--rate`, `--delay`, `--realtime`). `clock`
+    and `sleep` are injected for tests."""
 
     def __init__(
         self,
         source: Source,
         *,
         count: Callable[[str], int],
+        count_end: Callable[[], int] | None = None,
         ids: bool = True,
         history: int = DEFAULT_HISTORY,
         max_lag: int = DEFAULT_MAX_LAG,
@@ -230,7 +241,9 @@ class Hub:
         self.max_lag = max_lag
         self.ended = False
         self.error: str | None = None
+        self.end_tokens = 0
         self._count = count
+        self._count_end = count_end
         self._pacer = pacer if pacer is not None and pacer.active else None
         self._clock = clock
         self._sleep = sleep
@@ -324,6 +337,8 @@ class Hub:
                     if wait > 0:
                         await self._sleep(wait)
                     self._publish([chunk], [n])
+            if self._count_end is not None:
+                self.end_tokens = self._count_end()
             self._end(None)
         except SourceError as exc:
             self._end(str(exc))

@@ -97,6 +97,14 @@ class RecordingSource:
             texts = [text for text in texts if text]
             if texts:
                 out.append(TimedBatch(part.t, texts))
+        # A last line with no line end is whole once the body ends: it goes with the last write.
+        rest = [text for line in lines.flush() if (text := payload.feed(line).text)]
+        if rest:
+            at = self.recording.parts[-1].t
+            if out and out[-1].at == at:
+                out[-1] = TimedBatch(at, [*out[-1].chunks, *rest])
+            else:
+                out.append(TimedBatch(at, rest))
         return out
 
     async def batches(self) -> AsyncIterator[TimedBatch]:
@@ -107,8 +115,8 @@ class RecordingSource:
 class ReplayText:
     """The text inside each replayed event, which the bill counts: what sserelay.formats
     finds in each payload, its format detected as the proxy detects it. `payloads` is the
-    recording's (`RecordingSource.payloads`); with 'lines', a last line with no line end
-    is never read (a provider ends every NDJSON line)."""
+    recording's (`RecordingSource.payloads`); with 'lines', a line is read once its line
+    end arrives, and a last line with none is read by `flush()` at the end of the stream."""
 
     def __init__(self, payloads: str) -> None:
         self.payload = PayloadMeter()
@@ -121,3 +129,9 @@ class ReplayText:
         # The data is decoded text already: encoding it again gives back the same text.
         lines = self._lines.decode(data.encode())
         return "".join(self.payload.feed(line).text for line in lines)
+
+    def flush(self) -> str:
+        """End of stream: the text in a last line that had no line end ('' if none)."""
+        if self._lines is None:
+            return ""
+        return "".join(self.payload.feed(line).text for line in self._lines.flush())

@@ -179,12 +179,14 @@ async def _pump(
         if item is _END:
             return
         assert isinstance(item, Frames)
-        activity.busy = True
-        sink.write(item.payload)
-        if not await sink.flush():
-            raise _Gone
-        activity.busy = False
-        activity.last = time()
+        # No bytes: tokens of bytes already delivered (counted at the end), billed as they are.
+        if item.payload:
+            activity.busy = True
+            sink.write(item.payload)
+            if not await sink.flush():
+                raise _Gone
+            activity.busy = False
+            activity.last = time()
         client.record(item.events, item.tokens, len(item.payload))
 
 

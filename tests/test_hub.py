@@ -345,6 +345,39 @@ def test_per_event_tokens_for_a_resume_inside_a_batch() -> None:
     run(main)
 
 
+def test_tokens_counted_at_the_end_go_to_every_listener_that_took_the_last_event() -> None:
+    async def main() -> None:
+        gate = Gate()
+        hub = Hub(gate, count=count_tokens, count_end=lambda: 3)
+        early = hub.join()
+        gate.feed(["a b"], ["c"])
+        await take(early, 2)
+        waiting = hub.join("2")  # has everything so far: takes nothing more
+        gate.feed(None)
+        assert [f async for f in early] == [Frames(b"", 0, 3)]  # no bytes: they went with "c"
+        assert [f async for f in waiting] == []
+        late = [f async for f in hub.join()]  # from the history: the events, then the end
+        assert late[-1] == Frames(b"", 0, 3)
+        assert (sum(f.events for f in late), sum(f.tokens for f in late)) == (2, 6)
+        assert hub.end_tokens == 3
+
+    run(main)
+
+
+def test_a_failed_source_counts_nothing_at_the_end() -> None:
+    async def main() -> None:
+        gate = Gate()
+        hub = Hub(gate, count=count_tokens, count_end=lambda: 3)
+        listener = hub.join()
+        gate.feed(["a"], SourceError("cannot read stdin: Input/output error"))
+        assert await take(listener, 1) == numbered("a")
+        with pytest.raises(SourceError):
+            await rest(listener)
+        assert hub.end_tokens == 0
+
+    run(main)
+
+
 class FakeTime:
     def __init__(self) -> None:
         self.now = 0.0

@@ -94,6 +94,39 @@ def test_the_text_serve_bills_for_a_replayed_ndjson_body_however_its_writes_fell
     assert text.payload.kind == "ollama"
 
 
+def ollama_without_last_line_end() -> tuple[bytes, str]:
+    """An Ollama body whose last line carries text and has no line end, and that text's whole."""
+    lines = (PAYLOADS / "ollama_chat.ndjson").read_bytes().splitlines(keepends=True)
+    raw = b"".join(lines[:-1]).rstrip(b"\n")  # ends in a content line, not the done line
+    meter = PayloadMeter()
+    text = "".join(meter.feed(line).text for line in raw.decode().splitlines())
+    assert meter.feed(raw.decode().splitlines()[-1]).text  # the last line has text
+    return raw, text
+
+
+@pytest.mark.parametrize("size", [1, 7, 50, 10_000])
+def test_a_last_ndjson_line_with_no_line_end_is_read_at_the_end(size: int) -> None:
+    raw, want = ollama_without_last_line_end()
+    text = ReplayText("lines")
+    got = "".join(text.feed(raw[i : i + size].decode()) for i in range(0, len(raw), size))
+    assert got + text.flush() == want
+    assert text.flush() == ""  # once
+
+
+def test_the_text_of_a_recorded_ndjson_body_includes_a_last_line_with_no_line_end(
+    tmp_path: Path,
+) -> None:
+    raw, want = ollama_without_last_line_end()
+    path = tmp_path / "ollama.jsonl"
+    lines = [Header("POST", "/api/chat", 200, "application/x-ndjson").line()]
+    writes = [raw[i : i + 50] for i in range(0, len(raw), 50)]
+    lines += [Chunk(i / 100, w).line() for i, w in enumerate(writes)]
+    path.write_text("".join(lines))
+    texts = batches(RecordingSource(str(path), as_text=True))
+    assert "".join(c for b in texts for c in b.chunks) == want
+    assert texts[-1].at == (len(writes) - 1) / 100  # with the write that carried it
+
+
 def test_the_text_serve_bills_for_replayed_events_is_the_text_in_each_payload() -> None:
     events = SSEDecoder().decode((PAYLOADS / "anthropic_thinking_tool.sse").read_bytes())
     text = ReplayText("events")

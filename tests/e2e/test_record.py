@@ -23,7 +23,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from sserelay import count_tokens
+from sserelay import SSEDecoder, count_tokens
 from tests.conftest import Relay, wait_until
 
 TOLERANCE_S = 0.050
@@ -220,6 +220,53 @@ def test_a_recording_replays_through_the_mock_in_another_format(
     assert max(errors) <= TOLERANCE_S, errors
     bill = mock.bill()
     assert bill["reason"] == "complete" and bill["tokens"] == count_tokens("".join(WORDS))
+
+
+def ollama_lines(words: list[str]) -> list[bytes]:
+    """Ollama /api/chat lines, one per word; the last (done) has no line end."""
+    message = {"model": "llama-rec", "message": {"role": "assistant", "content": ""}}
+    lines = [
+        json.dumps(message | {"message": {"role": "assistant", "content": w}, "done": last})
+        for last, w in zip([False] * (len(words) - 1) + [True], words, strict=True)
+    ]
+    return [line.encode() + b"\n" for line in lines[:-1]] + [lines[-1].encode()]
+
+
+def test_a_last_ndjson_line_with_no_line_end_is_billed_by_proxy_serve_and_the_mock(
+    relay: Any, upstream: HTTPServer, tmp_path: Path
+) -> None:
+    words = ["Hello", " there", " last words"]  # the last line carries two tokens
+    text = "".join(words)
+
+    def answer(request: Request) -> Response:
+        return Response(iter(ollama_lines(words)), content_type="application/x-ndjson")
+
+    upstream.expect_request("/api/chat", method="POST").respond_with_handler(answer)
+    path = tmp_path / "ollama.jsonl"
+    proxy: Relay = relay(
+        "proxy", "--upstream", upstream.url_for("/"), "--record", str(path), "--once", "--json"
+    )
+    body = httpx.post(proxy.url + "api/chat", json={"model": "llama-rec"}, timeout=10).content
+    assert body == b"".join(ollama_lines(words))
+    bill = proxy.bill()
+    assert (bill["reason"], bill["tokens"], bill["events"]) == ("complete", 4, 3)
+
+    replay: Relay = relay("serve", str(path), "--no-ids", "--json", "--quiet")
+    events = [block for _, block in timed_events(replay.url, method="GET")]
+    assert "".join(e.data for e in SSEDecoder().decode(b"".join(events))).encode() == body
+    bill = replay.bill()
+    assert (bill["reason"], bill["tokens"]) == ("complete", count_tokens(text))
+    assert [c["tokens"] for c in bill["clients"]] == [count_tokens(text)]
+
+    mock: Relay = relay("serve", str(path), "--as", "openai", "--once", "--json", "--quiet")
+    client = openai.OpenAI(base_url=mock.url + "v1", api_key="k", max_retries=0)
+    stream = client.chat.completions.create(model="m", messages=[], stream=True)
+    deltas = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
+    client.close()
+    assert "".join(deltas) == text
+    assert mock.bill()["tokens"] == count_tokens(text)
 
 
 def test_a_file_that_is_not_a_valid_recording_is_one_error_line(relay: Any, tmp_path: Path) -> None:

@@ -312,8 +312,13 @@ def test_the_page_passes_its_token_on_and_shows_a_refusal(
 def write_recording(path: Path, name: str) -> str:
     """A recording of the upstream answer tests/payloads/NAME, as `proxy --record` writes it;
     returns the text inside its payloads. NDJSON is recorded in writes of 50 bytes, so a
-    write holds several lines and a line ends in a later write."""
+    write holds several lines and a line ends in a later write. NAME with `-no-end` is
+    NDJSON without its done line and whose last line, which has text, has no line end."""
+    cut_end = name.endswith("-no-end")
+    name = name.removesuffix("-no-end")
     raw = (PAYLOADS / name).read_bytes()
+    if cut_end:
+        raw = b"".join(raw.splitlines(keepends=True)[:-1]).rstrip(b"\n")
     meter = PayloadMeter()
     if name.endswith(".ndjson"):
         header = Header("POST", "/api/chat", 200, "application/x-ndjson")
@@ -342,6 +347,7 @@ def write_recording(path: Path, name: str) -> str:
         ("responses.sse", "whitespace"),  # *.done and response.completed repeat the text
         ("gemini.sse", "chars"),
         ("ollama_chat.ndjson", "whitespace"),
+        ("ollama_chat.ndjson-no-end", "chars"),  # its last line is counted at the end
     ],
 )
 def test_the_page_shows_the_text_of_a_replayed_recording_and_its_bill(
@@ -354,6 +360,6 @@ def test_the_page_shows_the_text_of_a_replayed_recording_and_its_bill(
     page.goto(running.url + "ui")
     bill = running.bill()
     assert bill["tokens"] == (len(text) if tokenizer == "chars" else count_tokens(text))
-    shown = page.wait_for({"events": str(bill["events"])})
+    shown = page.wait_for({"events": str(bill["events"]), "status": "reconnecting"})  # ended
     assert (shown["text"], shown["tokens"]) == (text, str(bill["tokens"]))
     assert page.errors() == []
