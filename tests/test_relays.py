@@ -207,6 +207,18 @@ def test_plain_text_is_metered_as_it_arrives_across_chunks_and_utf8_splits() -> 
     assert out.tokens == 4
 
 
+@pytest.mark.parametrize("text", [False, True])
+def test_a_last_line_with_no_line_end_is_metered_when_the_body_ends(text: bool) -> None:
+    body = b'{"message":{"content":"two words"},"done":false}\n'
+    body += b'{"message":{"content":" and three more"},"done":true}'
+    relay = LineRelay(PayloadMeter(), WORDS, text=text)
+    assert relay.decode(body).payload == body
+    tail = relay.flush()  # NDJSON: the last payload, read now; text: counted as it came
+    assert tail.payload == b""
+    out = run(LineRelay(PayloadMeter(), WORDS, text=text), split(body, 3))
+    assert out.tokens == (count_tokens(body.decode()) if text else 5)
+
+
 def test_raw_text_lines_count_each_line_on_its_own() -> None:
     relay = LineRelay(PayloadMeter("raw"), WORDS, text=False)
     assert run(relay, [b"one two\nthree"]) == Frames(b"one two\nthree", 2, 3)

@@ -326,6 +326,29 @@ def test_curl_n_gets_ndjson_unchanged_metered_line_by_line(
     assert bill["upstream_usage"] == usage.to_dict()
 
 
+@pytest.mark.parametrize(
+    ("content_type", "tokens"), [("application/x-ndjson", 5), ("text/plain", 4)]
+)
+def test_a_last_line_with_no_line_end_is_metered(
+    relay: Any, upstream: HTTPServer, content_type: str, tokens: int
+) -> None:
+    lines = [b'{"model":"m","message":{"content":"two words"},"done":false}\n']
+    lines += [b'{"model":"m","message":{"content":" and three more"},"done":true}']
+    if content_type == "text/plain":
+        lines = [b"one two\n", b"three four"]
+    upstream.expect_request("/api/chat").respond_with_handler(
+        lambda request: Response(iter(lines), content_type=content_type)
+    )
+    running = proxy(relay, upstream.url_for("/"), "--once")
+    assert httpx.post(running.url + "api/chat", timeout=TIMEOUT).content == b"".join(lines)
+    bill = running.bill()
+    assert (bill["reason"], bill["tokens"], bill["bytes"]) == (
+        "complete",
+        tokens,
+        len(b"".join(lines)),
+    )
+
+
 def test_curl_n_sees_each_event_before_the_upstream_sends_the_next(
     relay: Any, upstream: HTTPServer
 ) -> None:
