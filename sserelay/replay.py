@@ -8,12 +8,14 @@ was written, so `--realtime` replays the recorded timing (and `--rate` or
 Two views of the same recording:
 - as events (`serve`): each SSE event's data, or each write of another body;
 - as text (`serve --as PROVIDER`): the text inside each provider payload
-  (OpenAI, Responses, Anthropic, Ollama, Gemini, or plain), so a recording of
-  one provider can be replayed in another's format.
+  (OpenAI, Responses, Anthropic, Ollama, Gemini, or plain), or a `text/*`
+  body's text as it was written, so a recording of one provider can be
+  replayed in another's format.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import AsyncIterator
 
 from .chunking import LineSplitter
@@ -86,12 +88,19 @@ class RecordingSource:
     def _texts(self) -> list[TimedBatch]:
         payload = PayloadMeter()
         lines = LineSplitter()
+        # A text/* body is the text itself, line ends and all, as the proxy metered it; a
+        # character cut in two by a write is whole.
+        kind = self.recording.header.content_type
+        plain = kind.startswith("text/") and not self.recording.header.sse
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out = []
         for part in self.recording.parts:
             if isinstance(part, Block):
                 if part.data is None:
                     continue
                 texts = [payload.feed(part.data, part.event).text]
+            elif plain:
+                texts = [utf8.decode(part.body)]
             else:  # NDJSON and the like: a payload per line, whichever write completes it
                 texts = [payload.feed(line).text for line in lines.decode(part.body)]
             texts = [text for text in texts if text]
@@ -99,6 +108,8 @@ class RecordingSource:
                 out.append(TimedBatch(part.t, texts))
         # A last line with no line end is whole once the body ends: it goes with the last write.
         rest = [text for line in lines.flush() if (text := payload.feed(line).text)]
+        if plain and (text := utf8.decode(b"", final=True)):
+            rest.append(text)
         if rest:
             at = self.recording.parts[-1].t
             if out and out[-1].at == at:

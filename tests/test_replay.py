@@ -127,6 +127,19 @@ def test_the_text_of_a_recorded_ndjson_body_includes_a_last_line_with_no_line_en
     assert texts[-1].at == (len(writes) - 1) / 100  # with the write that carried it
 
 
+def test_the_text_of_a_recorded_plain_text_body_is_the_text_as_written(tmp_path: Path) -> None:
+    text = 'Hello, wor|ld.\r\nA {"json": "look"} line\n|\nnaï|ve end'
+    writes = [piece.encode() for piece in text.split("|")]
+    writes[2:4] = [writes[2] + writes[3][:3], writes[3][3:]]  # "ï" cut in two by a write
+    path = tmp_path / "text.jsonl"
+    lines = [Header("GET", "/", 200, "text/plain").line()]
+    lines += [Chunk(i / 100, w).line() for i, w in enumerate(writes)]
+    path.write_text("".join(lines))
+    texts = batches(RecordingSource(str(path), as_text=True))
+    assert "".join(c for b in texts for c in b.chunks) == text.replace("|", "")
+    assert [b.at for b in texts] == [0.0, 0.01, 0.02, 0.03]
+
+
 def test_the_text_serve_bills_for_replayed_events_is_the_text_in_each_payload() -> None:
     events = SSEDecoder().decode((PAYLOADS / "anthropic_thinking_tool.sse").read_bytes())
     text = ReplayText("events")

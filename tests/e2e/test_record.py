@@ -269,6 +269,32 @@ def test_a_last_ndjson_line_with_no_line_end_is_billed_by_proxy_serve_and_the_mo
     assert mock.bill()["tokens"] == count_tokens(text)
 
 
+def test_a_recorded_plain_text_body_replays_through_the_mock_with_its_line_ends(
+    relay: Any, upstream: HTTPServer, tmp_path: Path
+) -> None:
+    writes = ["Hello,", " world.\n", "Second line\r\n\n", "naïve end"]
+    text = "".join(writes)
+    upstream.expect_request("/story").respond_with_handler(
+        lambda request: Response(iter([w.encode() for w in writes]), content_type="text/plain")
+    )
+    path = tmp_path / "text.jsonl"
+    proxy: Relay = relay(
+        "proxy", "--upstream", upstream.url_for("/"), "--record", str(path), "--once", "--json"
+    )
+    assert httpx.get(proxy.url + "story", timeout=10).text == text
+    assert proxy.bill()["tokens"] == count_tokens(text)
+
+    mock: Relay = relay("serve", str(path), "--as", "openai", "--once", "--json", "--quiet")
+    client = openai.OpenAI(base_url=mock.url + "v1", api_key="k", max_retries=0)
+    stream = client.chat.completions.create(model="m", messages=[], stream=True)
+    deltas = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
+    client.close()
+    assert "".join(deltas) == text
+    assert mock.bill()["tokens"] == count_tokens(text)
+
+
 def test_a_file_that_is_not_a_valid_recording_is_one_error_line(relay: Any, tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"sserelay_recording": 1}\n{"t": "soon", "data": "x"}\n')
