@@ -58,16 +58,6 @@ class Frames:
     tokens: int
 
 
-_END = object()
-
-
-async def _next(frames: AsyncIterator[Frames]) -> Frames | object:
-    try:
-        return await anext(frames)
-    except StopAsyncIteration:
-        return _END
-
-
 async def encode_chunks(
     batches: AsyncIterable[Sequence[str]],
     *,
@@ -135,10 +125,12 @@ async def relay_frames(
     pump = asyncio.create_task(_pump(sink, aiter(frames), client, activity))
     watcher = asyncio.create_task(sink.wait_disconnected())
     tasks = {pump, watcher}
+    keep_alive = None
     if heartbeat:
-        tasks.add(asyncio.create_task(_keep_alive(sink, heartbeat, activity)))
+        keep_alive = asyncio.create_task(_keep_alive(sink, heartbeat, activity))
+        tasks.add(keep_alive)  # it ends only when a ping finds the client gone, or fails
     try:
-        await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         # Whatever ended the race (the source, the client, or a cancel from
         # outside), the other side stops now: a gone client stops the reads,
@@ -149,6 +141,9 @@ async def relay_frames(
         aclose = getattr(frames, "aclose", None)
         if aclose is not None:
             await aclose()
+    if keep_alive is not None and not keep_alive.cancelled():
+        if (error := keep_alive.exception()) is not None:
+            raise error  # a failed ping is not a gone client: say what went wrong
     if pump.cancelled() or isinstance(pump.exception(), _Gone):
         raise ClientDisconnected(client.tokens)
     pump.result()  # re-raises a source error
@@ -156,14 +151,15 @@ async def relay_frames(
 
 
 class _Activity:
-    """When the stream last wrote (event loop time) and whether a write is in
-    flight, shared by pump and keep-alive."""
+    """What pump and keep-alive share: when the stream last wrote (event loop
+    time), and the lock that makes each write-and-flush whole, so a ping and
+    an event are never sent at once."""
 
-    __slots__ = ("busy", "last")
+    __slots__ = ("last", "lock")
 
     def __init__(self, last: float) -> None:
         self.last = last
-        self.busy = False
+        self.lock = asyncio.Lock()
 
 
 async def _pump(
@@ -172,20 +168,15 @@ async def _pump(
     client: ClientMeter,
     activity: _Activity,
 ) -> None:
-    # The per-event path: await the next Frames, write, flush, bill. Nothing else.
+    # The per-event path: the next Frames, write and flush it, bill it.
     time = asyncio.get_running_loop().time
-    while True:
-        item = await _next(frames)
-        if item is _END:
-            return
-        assert isinstance(item, Frames)
+    async for item in frames:
         # No bytes: tokens of bytes already delivered (counted at the end), billed as they are.
         if item.payload:
-            activity.busy = True
-            sink.write(item.payload)
-            if not await sink.flush():
-                raise _Gone
-            activity.busy = False
+            async with activity.lock:
+                sink.write(item.payload)
+                if not await sink.flush():
+                    raise _Gone
             activity.last = time()
         client.record(item.events, item.tokens, len(item.payload))
 
@@ -196,14 +187,13 @@ async def _keep_alive(sink: EventSink, interval: float, activity: _Activity) -> 
     difference between a task per event per client and none."""
     loop = asyncio.get_running_loop()
     while True:
-        # A flush stuck on a slow client is not idleness, and a ping must never
-        # be sent alongside it: wait a whole interval more.
-        idle = 0.0 if activity.busy else loop.time() - activity.last
+        # A flush stuck on a slow client is not idleness: wait a whole interval more.
+        idle = 0.0 if activity.lock.locked() else loop.time() - activity.last
         if idle < interval:
             await asyncio.sleep(interval - idle)
             continue
-        # write and flush with no await between: a ping never splits an event
-        sink.write(PING)
-        if not await sink.flush():
-            return
+        async with activity.lock:
+            sink.write(PING)
+            if not await sink.flush():
+                return
         activity.last = loop.time()

@@ -466,6 +466,54 @@ def test_heartbeat_pings_an_idle_stream_then_the_event_follows() -> None:
     assert client.bytes == len(first) + len(last)
 
 
+class SlowSink(MemorySink):
+    """Every flush takes `delay` seconds (a slow client); records how many overlap."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def flush(self) -> bool:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+            return await super().flush()
+        finally:
+            self.in_flight -= 1
+
+
+def test_a_ping_and_an_event_are_never_flushed_at_once() -> None:
+    async def source() -> AsyncIterator[list[str]]:
+        for i in range(6):
+            await asyncio.sleep(0.03)
+            yield [f"event {i}"]
+
+    client = new_client()
+    sink = SlowSink(delay=0.05)  # each write outlasts the heartbeat interval
+    run(stream_sse(sink, source(), client=client, heartbeat=0.02))
+    assert sink.most_in_flight == 1
+    assert [e.data for e in sink.events()] == [f"event {i}" for i in range(6)]
+    assert client.events == 6
+
+
+def test_a_failing_ping_is_raised_not_taken_for_a_gone_client() -> None:
+    class PingFails(MemorySink):
+        async def flush(self) -> bool:
+            if self._pending == [PING]:
+                raise OSError("write failed")
+            return await super().flush()
+
+    async def idle() -> AsyncIterator[list[str]]:
+        yield ["only"]
+        await asyncio.Event().wait()
+
+    with pytest.raises(OSError, match="write failed"):
+        run(stream_sse(PingFails(), idle(), client=new_client(), heartbeat=0.02))
+
+
 @pytest.mark.parametrize("heartbeat", [None, 0.05])
 def test_source_error_propagates(heartbeat: float | None) -> None:
     client = new_client()
