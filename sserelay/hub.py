@@ -108,7 +108,7 @@ class EventLog:
         """Publish `chunks` (with their token counts) as the next events."""
         first = self.head
         payload, ends = encode_batch(chunks, first if self.ids else None)
-        batch = Batch(first, payload, tuple(ends), tuple(accumulate(tokens)))
+        batch = Batch(first, payload, ends, tuple(accumulate(tokens)))
         self._batches.append(batch)
         self.head = batch.next
         return batch
@@ -131,11 +131,11 @@ class EventLog:
             return None
         if cursor < self.oldest:
             raise ValueError(f"event {cursor} is no longer kept")
+        newest = self._batches[-1]
+        if newest.first <= cursor:  # a client keeping up: no search
+            return newest.tail(cursor)
         index = bisect.bisect_right(self._batches, cursor, key=lambda b: b.first) - 1
-        first = self._batches[index].tail(cursor)
-        if index == len(self._batches) - 1:
-            return first
-        parts = [first]
+        parts = [self._batches[index].tail(cursor)]
         parts += [
             self._batches[i].tail(self._batches[i].first)
             for i in range(index + 1, len(self._batches))
@@ -350,12 +350,16 @@ class Hub:
     def _publish(self, chunks: Sequence[str], tokens: Sequence[int]) -> None:
         # Lag is counted before this batch: one big read never cuts a client
         # that had taken everything before it.
-        for listener in [x for x in self._listeners if x.lag > self.max_lag]:
-            self._listeners.discard(listener)
-            self._unwait(listener)
-            listener._cut_off()
+        # One scan of the listeners per publish when nobody is behind.
+        floor = self._floor()
+        if self.log.head - floor > self.max_lag:
+            for listener in [x for x in self._listeners if x.lag > self.max_lag]:
+                self._listeners.discard(listener)
+                self._unwait(listener)
+                listener._cut_off()
+            floor = self._floor()
         self.log.append(chunks, tokens)
-        self.log.trim(self._floor())
+        self.log.trim(floor if self._listeners else self.log.head)
         self._wake()
 
     def _end(self, error: str | None) -> None:
