@@ -201,9 +201,7 @@ class Mock(RequestEndpoint):
     async def complete(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A completion request: stream (or send whole) the text, metered."""
         if self.closed:
-            busy = "already answered its one request (--once)" if self.once else "shutting down"
-            refusal = error_body(self.provider, f"sserelay: {busy}", "overloaded_error")
-            await _json_response(refusal, 503)(scope, receive, send)
+            await self._refuse(scope, receive, send)
             return
         body = await read_body(receive)
         if body is None:
@@ -213,11 +211,20 @@ class Mock(RequestEndpoint):
         except ValueError as exc:
             await _json_response(error_body(self.provider, str(exc)), 400)(scope, receive, send)
             return
+        if self.closed:  # again: with --once, another request may have been taken meanwhile
+            await self._refuse(scope, receive, send)
+            return
+        # No await from the check above to the claim in _bill_request().
         await self._bill_request(
             scope,
             lambda client: self._answer(request, scope, receive, send, client),
             unforeseen=("input_error", "the mock failed unexpectedly"),
         )
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        busy = "already answered its one request (--once)" if self.once else "shutting down"
+        refusal = error_body(self.provider, f"sserelay: {busy}", "overloaded_error")
+        await _json_response(refusal, 503)(scope, receive, send)
 
     def _ended(self, error: str | None) -> str | None:
         # A file's count is its own (read anew each time); stdin's grows as it is read.

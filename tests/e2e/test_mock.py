@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +187,35 @@ def test_a_missing_file_is_one_error_line(relay: Any, tmp_path: Path) -> None:
     assert running.wait() == 5
     assert running.stderr.strip().startswith(f"sserelay: error: cannot open {missing}")
     assert "Traceback" not in running.stderr
+
+
+def test_once_serves_exactly_one_of_two_requests_that_arrive_together(relay: Any) -> None:
+    """Both requests pass the door before either has sent its body; only one is answered."""
+    running = mock(relay, "openai", "--once")
+    url = httpx.URL(running.url)
+    assert url.port is not None
+    body = b'{"model": "m", "messages": [], "stream": true}'
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
+    sockets = [socket.create_connection((url.host, url.port), timeout=10) for _ in range(2)]
+    for sock in sockets:
+        sock.sendall(head)
+    for sock in sockets:  # uvicorn says 100 Continue once the endpoint reads the body
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+    for sock in sockets:
+        sock.sendall(body)
+    answers = []
+    for sock in sockets:
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        answers.append(data)
+    statuses = sorted(answer.split(b" ", 2)[1] for answer in answers)
+    assert statuses == [b"200", b"503"], answers
+    bill = running.bill()
+    assert running.proc.returncode == 0
+    assert [row["reason"] for row in bill["clients"]] == ["complete"]
