@@ -185,8 +185,8 @@ class Proxy(RequestEndpoint):
             return "interrupted", None  # a started response is cut, as above
         finally:
             if frames is not None:
-                # relay_frames() may leave it suspended at a yield (a client gone
-                # during a stuck write): close it, and the upstream with it, now.
+                # relay_frames() closes it, unless it is cut before it starts or
+                # cancelled again while closing: close it here too (a no-op if done).
                 await frames.aclose()
             if watcher is not None:
                 watcher.cancel()
