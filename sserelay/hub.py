@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from .errors import SourceError
@@ -46,6 +46,11 @@ class Batch:
     payload: bytes
     ends: tuple[int, ...]
     token_totals: tuple[int, ...]
+    #: the whole batch, made once: what every client that keeps up is given
+    whole: Frames = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "whole", Frames(self.payload, self.events, self.tokens))
 
     @property
     def events(self) -> int:
@@ -64,7 +69,7 @@ class Batch:
         """Events `start`... of this batch."""
         skip = start - self.first
         if skip == 0:
-            return Frames(self.payload, self.events, self.tokens)
+            return self.whole
         offset = self.ends[skip - 1]
         return Frames(
             self.payload[offset:], self.events - skip, self.tokens - self.token_totals[skip - 1]
