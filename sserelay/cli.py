@@ -23,9 +23,13 @@ from .formats import PAYLOAD_KINDS
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .app import StreamSession
+    from .hub import Hub
     from .meter import Bill, ClientMeter, Meter
     from .mock import Text
+    from .pacing import Pacer
     from .prices import PriceList
+    from .recorder import Recorder
     from .tokens import Tokenizer
     from .upstream import Upstream
 
@@ -292,9 +296,9 @@ def serve(
     """
     from rich.console import Console
 
-    from .app import Access
+    from .app import Access, StreamSession, ui_page
     from .errors import SourceError
-    from .hub import DEFAULT_MAX_LAG
+    from .hub import DEFAULT_MAX_LAG, Hub
     from .pacing import Pacer
     from .replay import RecordingSource
 
@@ -313,7 +317,6 @@ def serve(
     if realtime and (rate is not None or delay):
         raise click.UsageError("--realtime replays the recorded timing: drop --rate and --delay")
     if provider is not None:
-        pacing = {"rate": rate, "delay": delay, "realtime": realtime}
         mock_run = _mock_run(
             console,
             source,
@@ -322,7 +325,7 @@ def serve(
             counter,
             price,
             quiet,
-            pacing,
+            partial(Pacer, rate=rate, delay=delay, realtime=realtime),
             heartbeat=heartbeat or None,
             once=once,
         )
@@ -354,21 +357,23 @@ def serve(
         counter,
         price,
         quiet,
-        source=text_source,
-        hub_options={
-            "count": count,
-            "count_end": count_end,
-            "ids": not no_ids,
-            "history": history,
-            "max_lag": max_lag,
-            "pacer": Pacer(rate=rate, delay=delay, realtime=realtime),
-        },
-        session_options={
-            "heartbeat": heartbeat or None,
-            "keep": keep,
-            "access": Access(token=auth_token, max_clients=max_clients, cors_origin=cors_origin),
-        },
-        ui_settings={"tokenizer": counter.name, "chunk": chunk, "payloads": payloads},
+        hub=partial(
+            Hub,
+            text_source,
+            count=count,
+            count_end=count_end,
+            ids=not no_ids,
+            history=history,
+            max_lag=max_lag,
+            pacer=Pacer(rate=rate, delay=delay, realtime=realtime),
+        ),
+        session=partial(
+            StreamSession,
+            heartbeat=heartbeat or None,
+            keep=keep,
+            access=Access(token=auth_token, max_clients=max_clients, cors_origin=cors_origin),
+        ),
+        ui=ui_page(tokenizer=counter.name, chunk=chunk, payloads=payloads),
     )
     bill, error, signum = run.start(host, port)
     _finish(console, bill, error, signum, as_json)
@@ -476,25 +481,26 @@ def _active_requests(meter: Meter) -> list[str]:
 class _ServeRun(_Run):
     """`serve`: one hub over the source, broadcast to every client, and /ui."""
 
-    source: Any
-    hub_options: dict[str, Any]
-    session_options: dict[str, Any]
-    ui_settings: dict[str, str]
+    #: the hub over the source, not yet reading it
+    hub: Callable[[], Hub]
+    #: the session that serves the hub, billing on the meter
+    session: Callable[[Hub, Meter], StreamSession]
+    #: the /ui page
+    ui: str
 
     @contextlib.asynccontextmanager
     async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
         import os
 
-        from .app import StreamSession, create_app, ui_page
-        from .hub import Hub
+        from .app import create_app
 
-        hub = Hub(self.source, **self.hub_options)
-        session = StreamSession(hub, meter, **self.session_options)
+        hub = self.hub()
+        session = self.session(hub, meter)
         if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
             # For the leak tests only; not an option, not documented to users.
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._print_tasks)
         try:
-            yield session, create_app(session, ui=ui_page(**self.ui_settings))
+            yield session, create_app(session, ui=self.ui)
         finally:
             await hub.aclose()
 
@@ -538,16 +544,15 @@ def _mock_run(
     tokenizer: Tokenizer,
     price: float | None,
     quiet: bool,
-    pacing: dict[str, Any],
+    pacer: Callable[[], Pacer],
     *,
     heartbeat: float | None,
     once: bool,
 ) -> _MockRun:
     """The `serve --as` run: a file (or recording) is read anew for each request,
-    stdin once and kept; each request is paced on its own."""
+    stdin once and kept; each request is paced on its own, by a new `pacer()`."""
     from .errors import SourceError
     from .mock import FileText, SharedText
-    from .pacing import Pacer
     from .replay import RecordingSource, looks_like_recording
     from .sources import TextSource
 
@@ -562,7 +567,8 @@ def _mock_run(
         first = open_source()  # opened now: a missing file fails before the start
     except SourceError as exc:
         _fail(console, str(exc), EXIT_CODES["input_error"])
-    if pacing["realtime"] and not recording:
+    pacing = pacer()  # each request gets its own; this one only says how they are paced
+    if pacing.realtime and not recording:
         raise click.UsageError(
             f"--realtime replays a recording's timing; {first.name} is plain text, which has none"
         )
@@ -572,7 +578,6 @@ def _mock_run(
     else:
         sources = iter([first])
         text = FileText(lambda: next(sources, None) or open_source())
-    pacer = Pacer(**pacing)
     return _MockRun(
         console,
         tokenizer,
@@ -580,12 +585,10 @@ def _mock_run(
         quiet,
         provider=provider,
         text=text,
-        mock_options={
-            "line_ends": chunk == "line" and not recording,
-            "pacer": (lambda: Pacer(**pacing)) if pacer.active else None,
-            "heartbeat": heartbeat,
-            "once": once,
-        },
+        line_ends=chunk == "line" and not recording,
+        pacer=pacer if pacing.active else None,
+        heartbeat=heartbeat,
+        once=once,
     )
 
 
@@ -597,7 +600,10 @@ class _MockRun(_Run):
 
     provider: str
     text: Text
-    mock_options: dict[str, Any]
+    line_ends: bool
+    pacer: Callable[[], Pacer] | None
+    heartbeat: float | None
+    once: bool
 
     @contextlib.asynccontextmanager
     async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
@@ -608,8 +614,11 @@ class _MockRun(_Run):
             self.text,
             meter,
             tokenizer=self.tokenizer,
+            line_ends=self.line_ends,
+            pacer=self.pacer,
+            heartbeat=self.heartbeat,
+            once=self.once,
             on_finished=self._receipt,
-            **self.mock_options,
         )
         try:
             yield mock, create_mock_app(mock)
@@ -804,14 +813,12 @@ def proxy(
         quiet,
         upstream=target,
         prices=price_list,
-        proxy_options={
-            "payload": payload,
-            "keep_comments": keep_comments,
-            "include_usage": include_usage,
-            "heartbeat": heartbeat or None,
-            "once": once,
-            "recorder": recorder,
-        },
+        payload=payload,
+        keep_comments=keep_comments,
+        include_usage=include_usage,
+        heartbeat=heartbeat or None,
+        once=once,
+        recorder=recorder,
     )
     try:
         bill, error, signum = run.start(host, port)
@@ -831,7 +838,12 @@ class _ProxyRun(_Run):
 
     upstream: Upstream
     prices: PriceList | None
-    proxy_options: dict[str, Any]
+    payload: str
+    keep_comments: bool
+    include_usage: bool
+    heartbeat: float | None
+    once: bool
+    recorder: Recorder | None
 
     @contextlib.asynccontextmanager
     async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
@@ -845,9 +857,14 @@ class _ProxyRun(_Run):
             self.upstream,
             meter,
             tokenizer=self.tokenizer,
+            payload=self.payload,
+            keep_comments=self.keep_comments,
+            include_usage=self.include_usage,
+            heartbeat=self.heartbeat,
             prices=self.prices,
-            on_finished=once_receipt if self.proxy_options["once"] else self._receipt,
-            **self.proxy_options,
+            once=self.once,
+            on_finished=once_receipt if self.once else self._receipt,
+            recorder=self.recorder,
         )
         try:
             yield proxy, create_proxy_app(proxy)
@@ -856,9 +873,8 @@ class _ProxyRun(_Run):
 
     def _notes(self, url: str) -> list[str]:
         notes = [f"proxying to {self.upstream.display}"]
-        recorder = self.proxy_options["recorder"]
-        if recorder is not None:
-            notes.append(f"recording the first request to {recorder.path}")
+        if self.recorder is not None:
+            notes.append(f"recording the first request to {self.recorder.path}")
         return notes
 
 
