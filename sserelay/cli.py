@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import click
 
@@ -396,11 +396,9 @@ class _Run:
     until it finishes or a signal ends it, with the live counter on stderr, and
     end with the bill, the run's error and the signal that ended it (if one did).
 
-    A subclass says what it serves (`_serving`), what it prints under
-    `serving on URL` (`_notes`), and whether the live counter shows a row per
-    request in flight (`request_rows`)."""
-
-    request_rows: ClassVar[bool] = False
+    A subclass says what it serves (`_serving`) and what it prints under
+    `serving on URL` (`_notes`). An endpoint that bills each request on its own
+    (a RequestEndpoint) gets a live row per request in flight."""
 
     console: Console
     tokenizer: Tokenizer
@@ -420,15 +418,18 @@ class _Run:
             sys.exit(EXIT_CODES["interrupted"])
 
     async def _run(self, sock: socket.socket) -> tuple[Bill, str | None, int | None]:
+        from .asgi import RequestEndpoint
         from .display import LiveCounter
         from .meter import Meter
         from .server import bound_address, serve_app
 
         meter = Meter(self.tokenizer.name, self.price)
         signals: list[int] = []
-        rows = partial(_active_requests, meter) if self.request_rows else None
-        live = LiveCounter(self.console, meter.totals, quiet=self.quiet, rows=rows)
         async with self._serving(meter) as (endpoint, app):
+            rows = (
+                partial(_active_requests, meter) if isinstance(endpoint, RequestEndpoint) else None
+            )
+            live = LiveCounter(self.console, meter.totals, quiet=self.quiet, rows=rows)
 
             def on_signal(signum: int) -> None:
                 signals.append(signum)
@@ -595,8 +596,6 @@ def _mock_run(
 @dataclass(kw_only=True)
 class _MockRun(_Run):
     """`serve --as PROVIDER`: the provider's API, mocked; each request is billed on its own."""
-
-    request_rows: ClassVar[bool] = True
 
     provider: str
     text: Text
@@ -833,8 +832,6 @@ def proxy(
 @dataclass(kw_only=True)
 class _ProxyRun(_Run):
     """`proxy`: each request forwarded to the upstream, relayed and billed on its own."""
-
-    request_rows: ClassVar[bool] = True
 
     upstream: Upstream
     prices: PriceList | None
