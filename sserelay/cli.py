@@ -459,15 +459,6 @@ class _Run:
         """What the run says under `serving on URL`, one line each."""
         return []
 
-    def _receipt(self, client: ClientMeter, error: str | None) -> None:
-        """The line printed as a billed request ends (serve --as, proxy)."""
-        from .display import format_receipt
-
-        if self.quiet:
-            return
-        receipt = format_receipt(client.bill(time.monotonic(), self.price), error)
-        self.console.print(f"sserelay: {receipt}", highlight=False, markup=False)
-
 
 def _active_requests(meter: Meter) -> list[str]:
     """A live row for each request in flight, the first eight of them."""
@@ -476,6 +467,26 @@ def _active_requests(meter: Meter) -> list[str]:
     now = time.monotonic()
     active = [format_active(c, now) for c in meter.clients if c.active]
     return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
+
+
+@dataclass(kw_only=True)
+class _RequestRun(_Run):
+    """A run that bills each request on its own (serve --as, proxy): a receipt
+    is printed as each ends; with `once` the first to end ends the run."""
+
+    once: bool
+
+    def _receipt(self, client: ClientMeter, error: str | None) -> None:
+        """The line printed as a billed request ends."""
+        from .display import format_receipt
+
+        if self.quiet:
+            return
+        # With --once the request's error is the run's, printed as `sserelay: error:`; not twice.
+        receipt = format_receipt(
+            client.bill(time.monotonic(), self.price), None if self.once else error
+        )
+        self.console.print(f"sserelay: {receipt}", highlight=False, markup=False)
 
 
 @dataclass(kw_only=True)
@@ -594,7 +605,7 @@ def _mock_run(
 
 
 @dataclass(kw_only=True)
-class _MockRun(_Run):
+class _MockRun(_RequestRun):
     """`serve --as PROVIDER`: the provider's API, mocked; each request is billed on its own."""
 
     provider: str
@@ -602,7 +613,6 @@ class _MockRun(_Run):
     line_ends: bool
     pacer: Callable[[], Pacer] | None
     heartbeat: float | None
-    once: bool
 
     @contextlib.asynccontextmanager
     async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
@@ -830,7 +840,7 @@ def proxy(
 
 
 @dataclass(kw_only=True)
-class _ProxyRun(_Run):
+class _ProxyRun(_RequestRun):
     """`proxy`: each request forwarded to the upstream, relayed and billed on its own."""
 
     upstream: Upstream
@@ -839,16 +849,11 @@ class _ProxyRun(_Run):
     keep_comments: bool
     include_usage: bool
     heartbeat: float | None
-    once: bool
     recorder: Recorder | None
 
     @contextlib.asynccontextmanager
     async def _serving(self, meter: Meter) -> AsyncIterator[tuple[_Endpoint, Any]]:
         from .proxy import Proxy, create_proxy_app
-
-        def once_receipt(client: ClientMeter, error: str | None) -> None:
-            # With --once the run's error line says it; the receipt need not say it twice.
-            self._receipt(client, None)
 
         proxy = Proxy(
             self.upstream,
@@ -860,7 +865,7 @@ class _ProxyRun(_Run):
             heartbeat=self.heartbeat,
             prices=self.prices,
             once=self.once,
-            on_finished=once_receipt if self.once else self._receipt,
+            on_finished=self._receipt,
             recorder=self.recorder,
         )
         try:

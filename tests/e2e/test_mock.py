@@ -189,6 +189,23 @@ def test_a_missing_file_is_one_error_line(relay: Any, tmp_path: Path) -> None:
     assert "Traceback" not in running.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc/self/mem")
+def test_once_says_the_request_error_once(relay: Any) -> None:
+    """With --once the request's error is the run's: the receipt leaves it to the error line."""
+    # It opens at the start, but reading it fails (address 0 is not mapped): the request fails.
+    running: Relay = relay("serve", "/proc/self/mem", "--as", "openai", "--once", "--json")
+    request = {"model": "m", "messages": [], "stream": True}
+    with pytest.raises(httpx.RemoteProtocolError):  # cut after its first event
+        httpx.post(running.url + "v1/chat/completions", json=request, timeout=10)
+    assert running.bill()["reason"] == "input_error"
+    assert running.proc.returncode == 5
+    lines = running.stderr.splitlines()
+    assert [line for line in lines if "cannot read /proc/self/mem" in line] == [
+        "sserelay: error: cannot read /proc/self/mem: Input/output error"
+    ], running.stderr
+    assert any(line.endswith(" · input_error") for line in lines), running.stderr  # the receipt
+
+
 def test_once_serves_exactly_one_of_two_requests_that_arrive_together(relay: Any) -> None:
     """Both requests pass the door before either has sent its body; only one is answered."""
     running = mock(relay, "openai", "--once")

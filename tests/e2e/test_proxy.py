@@ -676,6 +676,19 @@ def test_refused_connection(relay: Any) -> None:
     assert_upstream_error(running, f"upstream 127.0.0.1:{port} refused the connection")
 
 
+def test_once_says_the_request_error_once(relay: Any) -> None:
+    """With --once the request's error is the run's: the receipt leaves it to the error line."""
+    port = free_port()
+    running = proxy(relay, f"http://127.0.0.1:{port}/v1", "--once")
+    assert httpx.get(running.url, timeout=TIMEOUT).status_code == 502
+    assert_upstream_error(running, "refused the connection")
+    lines = running.stderr.splitlines()
+    assert [line for line in lines if "refused the connection" in line] == [
+        f"sserelay: error: upstream 127.0.0.1:{port} refused the connection"
+    ], running.stderr
+    assert any(line.endswith(" · upstream_error") for line in lines), running.stderr  # the receipt
+
+
 def test_dns_failure(relay: Any) -> None:
     running = proxy(relay, "http://no-such-host.invalid/v1", "--once")
     assert httpx.get(running.url, timeout=TIMEOUT).status_code == 502
