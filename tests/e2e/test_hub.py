@@ -258,9 +258,14 @@ def test_500_connect_and_disconnect_cycles_leak_no_fds_or_tasks(relay: Any) -> N
         sock.close()
 
     cycle(0)  # the first client starts the reader task: it is part of the baseline
-    wait_until(lambda: open_fds(pid) == open_fds(pid), timeout=1)
-    time.sleep(0.1)
-    fds, tasks = open_fds(pid), debug_tasks(running)
+    readings = [(open_fds(pid), debug_tasks(running))]
+
+    def settled() -> bool:  # its connection and task are gone: two readings, apart, agree
+        readings.append((open_fds(pid), debug_tasks(running)))
+        return readings[-1] == readings[-2]
+
+    wait_until(settled, timeout=5, interval=0.05)
+    fds, tasks = readings[-1]
     started = time.monotonic()
     for i in range(1, 501):
         cycle(i)
