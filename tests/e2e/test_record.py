@@ -222,6 +222,19 @@ def test_a_recording_replays_through_the_mock_in_another_format(
     assert bill["reason"] == "complete" and bill["tokens"] == count_tokens("".join(WORDS))
 
 
+def through_the_mock(relay: Any, path: Path) -> tuple[str, int]:
+    """A recording's text as the OpenAI SDK streams it from `serve --as openai --once`,
+    and the tokens that run billed."""
+    mock: Relay = relay("serve", str(path), "--as", "openai", "--once", "--json", "--quiet")
+    client = openai.OpenAI(base_url=mock.url + "v1", api_key="k", max_retries=0)
+    stream = client.chat.completions.create(model="m", messages=[], stream=True)
+    deltas = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
+    client.close()
+    return "".join(deltas), mock.bill()["tokens"]
+
+
 def ollama_lines(words: list[str]) -> list[bytes]:
     """Ollama /api/chat lines, one per word; the last (done) has no line end."""
     message = {"model": "llama-rec", "message": {"role": "assistant", "content": ""}}
@@ -258,15 +271,7 @@ def test_a_last_ndjson_line_with_no_line_end_is_billed_by_proxy_serve_and_the_mo
     assert (bill["reason"], bill["tokens"]) == ("complete", count_tokens(text))
     assert [c["tokens"] for c in bill["clients"]] == [count_tokens(text)]
 
-    mock: Relay = relay("serve", str(path), "--as", "openai", "--once", "--json", "--quiet")
-    client = openai.OpenAI(base_url=mock.url + "v1", api_key="k", max_retries=0)
-    stream = client.chat.completions.create(model="m", messages=[], stream=True)
-    deltas = [
-        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
-    ]
-    client.close()
-    assert "".join(deltas) == text
-    assert mock.bill()["tokens"] == count_tokens(text)
+    assert through_the_mock(relay, path) == (text, count_tokens(text))
 
 
 def test_a_recorded_plain_text_body_replays_through_the_mock_with_its_line_ends(
@@ -284,15 +289,7 @@ def test_a_recorded_plain_text_body_replays_through_the_mock_with_its_line_ends(
     assert httpx.get(proxy.url + "story", timeout=10).text == text
     assert proxy.bill()["tokens"] == count_tokens(text)
 
-    mock: Relay = relay("serve", str(path), "--as", "openai", "--once", "--json", "--quiet")
-    client = openai.OpenAI(base_url=mock.url + "v1", api_key="k", max_retries=0)
-    stream = client.chat.completions.create(model="m", messages=[], stream=True)
-    deltas = [
-        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
-    ]
-    client.close()
-    assert "".join(deltas) == text
-    assert mock.bill()["tokens"] == count_tokens(text)
+    assert through_the_mock(relay, path) == (text, count_tokens(text))
 
 
 def test_a_file_that_is_not_a_valid_recording_is_one_error_line(relay: Any, tmp_path: Path) -> None:
