@@ -76,23 +76,6 @@ def expected(name: str) -> tuple[str, Usage | None, str | None]:
     return "".join(texts), meter.usage, meter.model
 
 
-@pytest.fixture(scope="module")
-def threaded_server() -> Iterator[HTTPServer]:
-    # Threaded: HTTP/1.1 with chunked bodies, and concurrent requests really are concurrent.
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.clear()
-    server.stop()
-
-
-@pytest.fixture
-def upstream(threaded_server: HTTPServer) -> Iterator[HTTPServer]:
-    threaded_server.clear()
-    yield threaded_server
-    threaded_server.clear()
-
-
 class RawUpstream:
     """One connection at a time on a raw socket: read the request, send `head` and each of
     `chunks` (HTTP/1.1 chunked), then `then`: "hold" (wait for the peer to close), "die"

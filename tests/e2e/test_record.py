@@ -19,7 +19,6 @@ from typing import Any
 import anthropic
 import httpx
 import openai
-import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -83,15 +82,6 @@ class PacedUpstream:
                 yield event
 
         return Response(body(), content_type="text/event-stream")
-
-
-@pytest.fixture
-def upstream() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.clear()
-    server.stop()
 
 
 def timed_events(
