@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -10,10 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import pytest
 
@@ -136,3 +137,18 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+T = TypeVar("T")
+
+#: Long enough for any honest run on a loaded machine, short enough to fail fast.
+DEADLINE = 5.0
+
+
+def run_bounded(coro: Awaitable[T]) -> T:
+    """Run `coro` on a fresh loop; one that stalls raises TimeoutError after DEADLINE."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, DEADLINE)
+
+    return asyncio.run(bounded())

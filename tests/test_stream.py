@@ -8,9 +8,9 @@ deadline (STYLE.md, "Tests"), so a stream that buffers fails fast instead of han
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import cast
 
 import pytest
 
@@ -27,23 +27,9 @@ from sserelay.stream import (
     stream_sse,
 )
 from sserelay.tokens import count_tokens
-
-T = TypeVar("T")
-
-#: Long enough for any honest run on a loaded machine, short enough to fail fast.
-DEADLINE = 5.0
-
+from tests.conftest import run_bounded as run
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run(coro: Awaitable[T]) -> T:
-    """Run `coro` on a fresh loop; a stream that stalls raises TimeoutError after DEADLINE."""
-
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, DEADLINE)
-
-    return asyncio.run(bounded())
 
 
 class MemorySink:

@@ -8,25 +8,14 @@ import gzip
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from sserelay.errors import UpstreamError, UpstreamTimeout
 from sserelay.upstream import Timeouts, Upstream, end_to_end, parse_header, redact_url
-
-T = TypeVar("T")
-DEADLINE = 5.0
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, DEADLINE)
-
-    return asyncio.run(bounded())
-
+from tests.conftest import run_bounded as run
 
 # --------------------------------------------------------------------------- pure rules
 
