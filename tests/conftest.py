@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,3 +153,16 @@ def run_bounded(coro: Awaitable[T]) -> T:
         return await asyncio.wait_for(coro, DEADLINE)
 
     return asyncio.run(bounded())
+
+
+def require_tool(*names: str, package: str) -> str:
+    """The path of the first of `names` on PATH. Without any, the test is skipped,
+    except under CI=true: .ci/run installs the Debian `package`, so there it fails."""
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    message = f"{names[0]} is not installed (Debian: apt-get install {package})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; .ci/run must install it", pytrace=False)
+    pytest.skip(message)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import click
 import pytest
 
 from sserelay.cli import EXIT_CODES, main
+from tests.conftest import require_tool
 
 MAN_PAGE = Path(__file__).resolve().parent.parent / "man" / "sserelay.1"
 
@@ -45,11 +45,7 @@ def test_every_command_and_exit_code_is_in_the_man_page() -> None:
 
 
 def test_man_renders_without_warnings() -> None:
-    man = shutil.which("man")
-    if man is None:
-        if os.environ.get("CI"):
-            pytest.fail("man is not installed (CI must install man-db)")
-        pytest.skip("man is not installed")
+    man = require_tool("man", package="man-db")
     result = subprocess.run(
         [man, "--warnings", "-l", str(MAN_PAGE)],
         capture_output=True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from werkzeug import Request, Response
 
 from sserelay import SSEDecoder, count_tokens
 from sserelay.formats import PayloadMeter, Usage
-from tests.conftest import Relay, wait_until
+from tests.conftest import Relay, require_tool, wait_until
 
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
 SECRET = "sk-upstream-SECRET-7d1f0c2a9b"
@@ -286,9 +285,7 @@ def test_anthropic_output_usage_is_the_last_report_and_a_missing_total_stays_nul
 def test_curl_n_gets_ndjson_unchanged_metered_line_by_line(
     relay: Any, upstream: HTTPServer
 ) -> None:
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+    curl = require_tool("curl", package="curl")
     upstream.expect_request("/api/chat").respond_with_handler(replay("ollama_chat.ndjson"))
     running = proxy(relay, upstream.url_for("/"), "--once")
     out = subprocess.run(
@@ -335,9 +332,7 @@ def test_a_last_line_with_no_line_end_is_metered(
 def test_curl_n_sees_each_event_before_the_upstream_sends_the_next(
     relay: Any, upstream: HTTPServer
 ) -> None:
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+    curl = require_tool("curl", package="curl")
     received_first = threading.Event()
 
     def gated(request: Request) -> Response:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from httpx_sse import connect_sse
 
 from sserelay import SSEDecoder, count_tokens
 from sserelay.sse import Event
-from tests.conftest import EXAMPLE, Relay, wait_until
+from tests.conftest import EXAMPLE, Relay, require_tool, wait_until
 
 EXIT_DISCONNECTED = 3
 EXIT_INPUT_ERROR = 5
@@ -102,9 +101,7 @@ def test_events_path_and_healthz(relay: Any) -> None:
 
 
 def test_curl_n_shows_every_event(relay: Any) -> None:
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+    curl = require_tool("curl", package="curl")
     running: Relay = relay("serve", str(EXAMPLE))
     out = subprocess.run([curl, "-sN", running.url], capture_output=True, timeout=20, check=True)
     events = SSEDecoder().decode(out.stdout)

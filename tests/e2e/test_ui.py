@@ -28,7 +28,7 @@ from sserelay import count_tokens
 from sserelay.formats import PayloadMeter, openai_chunk
 from sserelay.recording import Block, Chunk, Header
 from sserelay.sse import Event, SSEDecoder
-from tests.conftest import Relay, wait_until
+from tests.conftest import Relay, require_tool, wait_until
 
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
 
@@ -65,13 +65,7 @@ TRICKY_LINES = [
 
 def chromium() -> str:
     """Chromium's path; without it the test is skipped, except in CI, which must have it."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        message = "chromium is not installed (Debian: apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}; CI must run the /ui test (.ci/run installs it)", pytrace=False)
-        pytest.skip(message)
-    return path
+    return require_tool("chromium", "chromium-browser", package="chromium")
 
 
 class DevToolsError(Exception):
