@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from .errors import ClientDisconnected, NoFlushError, SourceError, SSERelayError, UpstreamError
-from .meter import Bill, ClientBill, Meter
-from .sse import Event, SSEDecoder, encode_comment, encode_event
-from .stream import EventSink, Frames, relay_frames, stream_sse
-from .tokens import count_tokens, get_tokenizer, register_tokenizer
+from sserelay.errors import (
+    ClientDisconnected,
+    NoFlushError,
+    SourceError,
+    SSERelayError,
+    UpstreamError,
+)
+from sserelay.metering.meter import Bill, ClientBill, Meter
+from sserelay.metering.tokens import count_tokens, get_tokenizer, register_tokenizer
+from sserelay.streaming.stream import EventSink, Frames, relay_frames, stream_sse
+from sserelay.wire.sse import Event, SSEDecoder, encode_comment, encode_event
 
 __version__ = "0.1.0"
 

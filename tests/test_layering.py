@@ -1,5 +1,10 @@
 """Imports point downward only (DESIGN.md, "Layers"; STYLE.md, "Layout").
 
+One rule per package: the folders are the layers, in the order of `LAYERS`, and a module
+may import its own layer and the ones before it, never a later one. On top of that:
+the pure layers import no event loop, network, HTTP stack or face; only `cli/` imports
+click and rich; nothing below `http/` imports starlette or uvicorn.
+
 Read from the source with `ast`, so an import hidden inside a function (or under
 `if TYPE_CHECKING:`) counts as much as one at the top of a module.
 """
@@ -15,30 +20,50 @@ import pytest
 PACKAGE = "sserelay"
 SOURCE = Path(__file__).resolve().parent.parent / PACKAGE
 
-#: Modules of the pure layers (wire, metering, formats): sans-IO, testable without sockets.
-PURE = [
-    name
-    for name in ("sse", "tokens", "meter", "chunking", "errors", "formats", "providers")
-    if (SOURCE / f"{name}.py").exists()
-]
+#: The layers, lowest first. `errors` is the one hierarchy every layer raises from.
+LAYERS = (
+    "errors",
+    "wire",
+    "metering",
+    "providers",
+    "sources",
+    "record",
+    "streaming",
+    "ledger",
+    "http",
+    "cli",
+)
+#: Sans-IO layers: testable without sockets, an event loop or a terminal.
+PURE_LAYERS = ("errors", "wire", "metering", "providers")
 #: What the pure layers may never import: an event loop, the network, the HTTP stack, the face.
-IO_MODULES = {"asyncio", "httpx", "starlette", "uvicorn", "click", "rich", "socket"}
+IO_MODULES = {"asyncio", "httpx", "starlette", "uvicorn", "click", "rich", "socket", "threading"}
+#: Only the HTTP layer (and the CLI above it) may speak ASGI frameworks.
+HTTP_STACK = {"starlette", "uvicorn"}
 
 
 def module_names() -> list[str]:
-    """Every module of the package, as dotted names (`sserelay`, `sserelay.cli`, ...)."""
+    """Every module of the package, as dotted names (`sserelay`, `sserelay.wire.sse`, ...)."""
     names = []
-    for path in sorted(SOURCE.glob("*.py")):
-        names.append(PACKAGE if path.stem == "__init__" else f"{PACKAGE}.{path.stem}")
+    for path in sorted(SOURCE.rglob("*.py")):
+        parts = list(path.relative_to(SOURCE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names.append(".".join(parts))
     return names
 
 
-def imports_of_source(source: str, module: str) -> set[str]:
+def layer_of(module: str) -> str | None:
+    """The layer a module of the package belongs to (None for `sserelay` and `__main__`)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def imports_of_source(source: str, module: str, is_package: bool = False) -> set[str]:
     """The absolute names of everything `source` (the text of `module`) imports.
 
     `from a import b` yields `a`, and `a.b` too, since `b` may be a submodule; a relative
     import is resolved against the package `module` lives in."""
-    is_package = module == PACKAGE
+    is_package = is_package or module == PACKAGE
     package_parts = module.split(".") if is_package else module.split(".")[:-1]
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
@@ -59,8 +84,12 @@ def imports_of_source(source: str, module: str) -> set[str]:
 
 @cache
 def imports_of(module: str) -> frozenset[str]:
-    path = SOURCE / ("__init__.py" if module == PACKAGE else f"{module.rsplit('.', 1)[1]}.py")
-    return frozenset(imports_of_source(path.read_text(encoding="utf-8"), module))
+    relative = Path(*module.split(".")[1:])
+    path = SOURCE / relative / "__init__.py"
+    if not path.exists():
+        path = (SOURCE / relative).with_suffix(".py")
+    is_package = path.name == "__init__.py"
+    return frozenset(imports_of_source(path.read_text(encoding="utf-8"), module, is_package))
 
 
 def roots(names: frozenset[str] | set[str]) -> set[str]:
@@ -84,6 +113,10 @@ def internal_closure(module: str) -> set[str]:
     return seen
 
 
+def in_layers(*layers: str) -> list[str]:
+    return [m for m in module_names() if layer_of(m) in layers]
+
+
 # --------------------------------------------------------------------------- the reader itself
 
 
@@ -92,7 +125,7 @@ def test_import_reader_sees_every_kind_of_import() -> None:
         "from __future__ import annotations\n"
         "import os.path, json as j\n"
         "from . import cli\n"
-        "from .meter import Bill\n"
+        "from sserelay.metering.meter import Bill\n"
         "from .. import elsewhere\n"
         "def later():\n"
         "    import asyncio\n"
@@ -102,50 +135,67 @@ def test_import_reader_sees_every_kind_of_import() -> None:
     )
     found = imports_of_source(source, "sserelay.sub.mod")
     assert {"os.path", "json", "asyncio", "rich.console", "click"} <= found
-    assert {"sserelay.sub", "sserelay.sub.cli", "sserelay.sub.meter", "sserelay.elsewhere"} <= found
+    assert {"sserelay.sub", "sserelay.sub.cli", "sserelay.metering.meter", "sserelay"} <= found
+    assert "sserelay.elsewhere" in found
     assert "__future__" not in found
-    assert imports_of_source("from . import x\n", PACKAGE) == {"sserelay", "sserelay.x"}
+    assert imports_of_source("from . import x\n", PACKAGE, True) == {"sserelay", "sserelay.x"}
 
 
 def test_the_checks_below_are_not_vacuous() -> None:
-    assert {"sse", "tokens", "meter", "chunking", "errors"} <= set(PURE)
-    assert "click" in roots(imports_of("sserelay.cli"))
-    assert "rich" in roots(imports_of("sserelay.display"))
-    assert "asyncio" in roots(imports_of("sserelay.stream"))
+    names = module_names()
+    for layer in LAYERS[1:]:
+        if (SOURCE / layer).is_dir():
+            assert any(layer_of(m) == layer for m in names), f"no module in {layer}/"
+    assert sum((SOURCE / layer).is_dir() for layer in LAYERS) >= 8
+    assert "sserelay.wire.sse" in names and "sserelay.metering.meter" in names
+    assert "click" in roots(imports_of("sserelay.cli.commands"))
+    assert "rich" in roots(imports_of("sserelay.cli.display"))
+    assert "asyncio" in roots(imports_of("sserelay.streaming.stream"))
+    assert "starlette" in roots(imports_of("sserelay.http.asgi"))
     assert "sserelay.cli" in imports_of("sserelay.__main__")
+    # a later layer imported from an earlier one would be caught
+    assert layer_of("sserelay.http.asgi") == "http" and layer_of("sserelay") is None
 
 
 # --------------------------------------------------------------------------- the rules
 
 
-@pytest.mark.parametrize("name", PURE)
-def test_pure_modules_import_no_io(name: str) -> None:
-    module = f"{PACKAGE}.{name}"
+@pytest.mark.parametrize("module", [m for m in module_names() if layer_of(m)])
+def test_imports_point_downward(module: str) -> None:
+    here = LAYERS.index(layer_of(module) or "")
+    for imported in sorted(internal_imports(module)):
+        layer = layer_of(imported)
+        if layer is not None:
+            assert LAYERS.index(layer) <= here, f"{module} imports {imported} (a later layer)"
+
+
+@pytest.mark.parametrize("module", in_layers(*PURE_LAYERS))
+def test_pure_layers_import_no_io(module: str) -> None:
     assert roots(imports_of(module)) & IO_MODULES == set()
 
 
-@pytest.mark.parametrize("name", PURE)
-def test_pure_modules_reach_no_io_through_the_package(name: str) -> None:
+@pytest.mark.parametrize("module", in_layers(*PURE_LAYERS))
+def test_pure_layers_reach_no_io_through_the_package(module: str) -> None:
     # a pure module may use another package module only if that one is pure too
-    for reached in sorted(internal_closure(f"{PACKAGE}.{name}")):
-        assert roots(imports_of(reached)) & IO_MODULES == set(), f"{name} reaches {reached}"
+    for reached in sorted(internal_closure(module)):
+        assert roots(imports_of(reached)) & IO_MODULES == set(), f"{module} reaches {reached}"
 
 
 @pytest.mark.parametrize("module", module_names())
-def test_only_the_cli_imports_click(module: str) -> None:
-    if module != "sserelay.cli":
-        assert "click" not in roots(imports_of(module))
+def test_only_the_cli_imports_click_and_rich(module: str) -> None:
+    if layer_of(module) != "cli":
+        assert roots(imports_of(module)) & {"click", "rich"} == set()
 
 
 @pytest.mark.parametrize("module", module_names())
-def test_only_the_cli_and_display_import_rich(module: str) -> None:
-    if module not in {"sserelay.cli", "sserelay.display"}:
-        assert "rich" not in roots(imports_of(module))
+def test_nothing_below_http_imports_the_http_stack(module: str) -> None:
+    if layer_of(module) not in ("http", "cli"):
+        assert roots(imports_of(module)) & HTTP_STACK == set()
 
 
 @pytest.mark.parametrize("module", module_names())
 def test_nothing_imports_the_cli(module: str) -> None:
     # the CLI is the top layer: nothing in the package may depend on it, except the
     # `python -m sserelay` entry point, whose whole job is to run it
-    if module not in {"sserelay.cli", "sserelay.__main__"}:
-        assert "sserelay.cli" not in imports_of(module)
+    if layer_of(module) != "cli" and module != "sserelay.__main__":
+        assert not any(layer_of(m) == "cli" for m in internal_imports(module))

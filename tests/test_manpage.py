@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from sserelay.cli import EXIT_CODES, main
+from sserelay.cli.commands import EXIT_CODES, main
 from tests.conftest import require_tool
 
 MAN_PAGE = Path(__file__).resolve().parent.parent / "man" / "sserelay.1"

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from sserelay import SSEDecoder, count_tokens
-from sserelay.sse import Event
+from sserelay.wire.sse import Event
 from tests.conftest import Relay, wait_until
 
 READ_TIMEOUT = httpx.Timeout(10.0, read=5.0)

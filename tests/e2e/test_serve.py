@@ -17,7 +17,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from sserelay import SSEDecoder, count_tokens
-from sserelay.sse import Event
+from sserelay.wire.sse import Event
 from tests.conftest import EXAMPLE, Relay, require_tool, wait_until
 
 EXIT_DISCONNECTED = 3

@@ -25,9 +25,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from sserelay import count_tokens
-from sserelay.formats import PayloadMeter, openai_chunk
-from sserelay.recording import Block, Chunk, Header
-from sserelay.sse import Event, SSEDecoder
+from sserelay.providers.payloads import PayloadMeter, openai_chunk
+from sserelay.record.format import Block, Chunk, Header
+from sserelay.wire.sse import Event, SSEDecoder
 from tests.conftest import Relay, require_tool, wait_until
 
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"

@@ -1,0 +1,180 @@
+"""What a person sees: the live counter on stderr and the bill on stdout.
+
+`format_*` functions are pure; the classes render them. One stderr Console is
+made by the CLI and passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from sserelay.metering.meter import Bill, ClientBill, ClientMeter, Totals
+
+
+def format_count(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_cost(cost: float | None) -> str:
+    return "-" if cost is None else f"{cost:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+def format_totals(totals: Totals) -> str:
+    """One line of live figures."""
+    line = (
+        f"{format_count(totals.tokens)} tokens · {format_count(totals.events)} events · "
+        f"{format_bytes(totals.bytes)} · {totals.tokens_per_s:,.1f} tok/s · "
+        f"{totals.elapsed_s:.1f} s · clients {totals.active_clients}/{totals.clients}"
+    )
+    if totals.cost is not None:
+        line += f" · cost {format_cost(totals.cost)}"
+    return line
+
+
+def format_bill(bill: Bill) -> str:
+    """The bill as a compact human table (no colour, stable for scripts that grep it)."""
+    ttfe = "-" if bill.time_to_first_event_s is None else f"{bill.time_to_first_event_s:.3f} s"
+    rows = [
+        f"sserelay bill: {bill.reason}",
+        f"  tokens      {format_count(bill.tokens)} ({bill.tokenizer})",
+        f"  events      {format_count(bill.events)}",
+        f"  bytes       {format_count(bill.bytes)}",
+        f"  duration    {bill.duration_s:.3f} s (first event {ttfe}, "
+        f"{bill.tokens_per_s:,.1f} tokens/s)",
+    ]
+    if bill.cost is not None:
+        basis = (
+            "per-model prices"
+            if bill.price_per_million is None
+            else f"at {bill.price_per_million:g} per 1M"
+        )
+        rows.append(f"  cost        {format_cost(bill.cost)} ({basis})")
+    if bill.invalid_utf8_bytes:
+        rows.append(f"  input       {bill.invalid_utf8_bytes} invalid UTF-8 bytes replaced")
+    if bill.upstream_usage is not None:
+        usage = ", ".join(f"{k}={v}" for k, v in bill.upstream_usage.items())
+        rows.append(f"  upstream    {usage}")
+    for c in bill.clients:
+        rows.append(
+            f"  client {c.id:<4} {c.peer or '-':<22} {format_count(c.tokens):>10} tokens "
+            f"{format_count(c.events):>8} events {format_count(c.bytes):>12} bytes  {c.reason}"
+        )
+        if c.method is not None:  # a proxied request
+            rows.append(f"              {format_request(c)}")
+    if not bill.clients:
+        rows.append("  no client connected")
+    return "\n".join(rows)
+
+
+def format_usage(usage: dict[str, int | None]) -> str:
+    """An upstream's usage report; a count it did not report is `?`, never 0."""
+    shown = {"input_tokens": "in", "output_tokens": "out", "total_tokens": "total"}
+    return " ".join(
+        f"{shown.get(key, key)}={'?' if value is None else format_count(value)}"
+        for key, value in usage.items()
+    )
+
+
+def format_request(c: ClientBill) -> str:
+    """What a proxied request was and what the upstream said about it."""
+    parts = [c.method or "-", c.path or "/", str(c.upstream_status or "-")]
+    if c.model:
+        parts.append(c.model)
+    if c.upstream_usage is not None:
+        parts.append(f"upstream {format_usage(c.upstream_usage)}")
+    if c.cost is not None:
+        parts.append(f"cost {format_cost(c.cost)}")
+    return " ".join(parts)
+
+
+def format_receipt(c: ClientBill, error: str | None = None) -> str:
+    """The one line printed when a proxied request ends."""
+    line = (
+        f"{format_request(c)} · {format_count(c.tokens)} tokens · "
+        f"{format_count(c.events)} events · {format_bytes(c.bytes)} · {c.duration_s:.3f} s · "
+        f"{c.reason}"
+    )
+    return f"{line}: {error}" if error else line
+
+
+def format_active(client: ClientMeter, now: float) -> str:
+    """A live row for a request still being proxied."""
+    elapsed = now - client.opened_at
+    rate = client.tokens / elapsed if elapsed > 0 else 0.0
+    return (
+        f"{client.method or '-'} {client.path or '/'} {client.model or '-'} · "
+        f"{format_count(client.tokens)} tokens · {rate:,.1f} tok/s"
+    )
+
+
+class LiveCounter:
+    """The running figures on stderr: a rich live line on a terminal, a plain
+    line every `plain_interval` seconds otherwise, nothing when quiet."""
+
+    def __init__(
+        self,
+        console: Console,
+        totals: Callable[[], Totals],
+        *,
+        quiet: bool = False,
+        plain_interval: float = 10.0,
+        rows: Callable[[], list[str]] | None = None,
+    ) -> None:
+        self._console = console
+        self._totals = totals
+        self._rows = rows
+        self._quiet = quiet
+        self._plain_interval = plain_interval
+        self._live: Live | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    def _render(self) -> Text:
+        text = Text("sserelay: " + format_totals(self._totals()), style="bold cyan")
+        # One row per active request (proxy), under the totals; only on a terminal.
+        for row in self._rows() if self._rows is not None else []:
+            text.append("\n  " + row, style="cyan")
+        return text
+
+    def start(self) -> None:
+        if self._quiet:
+            return
+        if self._console.is_terminal:
+            self._live = Live(
+                get_renderable=self._render,
+                console=self._console,
+                refresh_per_second=8,
+                transient=False,
+            )
+            self._live.start()
+        else:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._plain_interval)
+            self._console.print("sserelay: " + format_totals(self._totals()), highlight=False)
+
+    async def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None

@@ -1,0 +1,1 @@
+"""The HTTP face: ASGI sink, endpoints, apps, the server and run(config)."""

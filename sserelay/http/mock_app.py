@@ -1,0 +1,382 @@
+"""The mock LLM endpoint of `sserelay serve FILE --as PROVIDER`.
+
+Each completion request gets the whole text anew, in the provider's own
+streaming format (sserelay.providers.answers), one delta per chunk, flushed as it is
+read: an official SDK pointed at the mock cannot tell it from the real API.
+Every request is its own row of the bill, metered exactly as written: its
+events, the tokens of the text it carried, its bytes; a client that hangs up
+mid-stream is `client_disconnected` with what it had got.
+
+Requests are served until Ctrl-C or SIGTERM (or, with `once`, until the first
+completion request ends). `GET /v1/models` lists the one model; `/healthz`
+answers `ok`. Paths work with and without the `/v1` prefix, so a base URL with
+or without it fits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from sserelay.errors import ClientDisconnected, SourceError
+from sserelay.http.asgi import (
+    ASGISink,
+    OnFinished,
+    Outcome,
+    RequestEndpoint,
+    healthz,
+    read_body,
+    uncancel,
+)
+from sserelay.metering.meter import ClientMeter, Meter
+from sserelay.metering.tokens import Tokenizer
+from sserelay.providers.answers import (
+    Answer,
+    MockRequest,
+    encode_json,
+    error_body,
+    models_list,
+    new_answer,
+    read_request,
+)
+from sserelay.sources.pacing import Pacer
+from sserelay.sources.text import Batch, TimedBatch
+from sserelay.streaming.stream import SSE_HEADERS, Frames, relay_frames
+from sserelay.wire.sse import Event, encode_event
+
+JSON_HEADERS = ((b"content-type", b"application/json"),)
+
+#: The completion route of each provider (also served without the `/v1` prefix).
+COMPLETION_PATHS = {
+    "openai": "/v1/chat/completions",
+    "anthropic": "/v1/messages",
+    "openai-responses": "/v1/responses",
+}
+
+
+class Text(Protocol):
+    """The text the mock answers with. `open()` starts a fresh pass over it (a
+    SourceError if it cannot): an async iterator of the chunks each read made
+    ready; closing it stops the read."""
+
+    @property
+    def invalid_utf8_bytes(self) -> int: ...
+
+    def open(self) -> AsyncGenerator[Batch, None]: ...
+
+
+class ChunkSource(Protocol):
+    """A chunk source (sserelay.sources.text), read once."""
+
+    @property
+    def invalid_utf8_bytes(self) -> int: ...
+
+    def batches(self) -> AsyncIterator[Batch]: ...
+
+
+class FileText:
+    """A file, read anew for each request (`source` opens it)."""
+
+    def __init__(self, source: Callable[[], ChunkSource]) -> None:
+        self._source = source
+        self.invalid_utf8_bytes = 0
+
+    def open(self) -> AsyncGenerator[Batch, None]:
+        # Opened now: a file gone since the start is a SourceError before any answer.
+        return self._read(self._source())
+
+    async def _read(self, source: ChunkSource) -> AsyncGenerator[Batch, None]:
+        batches = source.batches()
+        try:
+            async for batch in batches:
+                yield batch
+        finally:
+            await _aclose(batches)
+            # Every pass reads the same file: the count is the file's, not a sum.
+            self.invalid_utf8_bytes = max(self.invalid_utf8_bytes, source.invalid_utf8_bytes)
+
+
+class SharedText:
+    """Standard input, read once to its end (from the first request on) and kept:
+    every request gets all of it from the start, live while it is still arriving.
+    The whole text stays in memory."""
+
+    def __init__(self, source: ChunkSource) -> None:
+        self._source = source
+        self._chunks: list[Batch] = []
+        self._done = False
+        self._error: SourceError | None = None
+        self._grown = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def invalid_utf8_bytes(self) -> int:
+        return self._source.invalid_utf8_bytes
+
+    async def _read(self) -> None:
+        batches = self._source.batches()
+        try:
+            async for batch in batches:
+                self._chunks.append(batch)
+                self._wake()
+        except SourceError as exc:
+            self._error = exc
+        finally:
+            self._done = True
+            self._wake()
+            await _aclose(batches)
+
+    def _wake(self) -> None:
+        self._grown.set()
+        self._grown = asyncio.Event()
+
+    def open(self) -> AsyncGenerator[Batch, None]:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
+        return self._replay()
+
+    async def _replay(self) -> AsyncGenerator[Batch, None]:
+        sent = 0
+        while True:
+            if sent < len(self._chunks):
+                sent += 1
+                yield self._chunks[sent - 1]
+            elif self._done:
+                if self._error is not None:
+                    raise self._error
+                return
+            else:
+                await self._grown.wait()
+
+    async def aclose(self) -> None:
+        """Stop reading (at shutdown)."""
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
+class Mock(RequestEndpoint):
+    """The ASGI endpoint of `serve --as PROVIDER`; each completion request is a
+    row of the bill (and, with `once`, the run's one request).
+
+    With `line_ends`, each chunk is a line whose line end is given back (`\\n`),
+    so the deltas join to the file's text."""
+
+    def __init__(
+        self,
+        provider: str,
+        text: Text,
+        meter: Meter,
+        *,
+        tokenizer: Tokenizer,
+        line_ends: bool = True,
+        pacer: Callable[[], Pacer] | None = None,
+        heartbeat: float | None = None,
+        once: bool = False,
+        on_finished: OnFinished = lambda client, error: None,
+    ) -> None:
+        if provider not in COMPLETION_PATHS:
+            raise ValueError(f"unknown provider {provider!r}")
+        super().__init__(meter, once=once, on_finished=on_finished)
+        self.provider = provider
+        self.text = text
+        self.tokenizer = tokenizer
+        self.line_ends = line_ends
+        self.pacer = pacer
+        self.heartbeat = heartbeat
+
+    async def models(self, request: Request) -> Response:
+        return _json_response(models_list(self.provider))
+
+    async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = COMPLETION_PATHS[self.provider]
+        message = f"sserelay --as {self.provider} answers POST {path} and GET /v1/models"
+        await _json_response(error_body(self.provider, message, "not_found_error"), 404)(
+            scope, receive, send
+        )
+
+    async def complete(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A completion request: stream (or send whole) the text, metered."""
+        if self.closed:
+            await self._refuse(scope, receive, send)
+            return
+        body = await read_body(receive)
+        if body is None:
+            return  # gone before it asked anything: nothing to bill
+        try:
+            request = read_request(self.provider, body)
+        except ValueError as exc:
+            await _json_response(error_body(self.provider, str(exc)), 400)(scope, receive, send)
+            return
+        if self.closed:  # again: with --once, another request may have been taken meanwhile
+            await self._refuse(scope, receive, send)
+            return
+        # No await from the check above to the claim in _bill_request().
+        await self._bill_request(
+            scope,
+            lambda client: self._answer(request, scope, receive, send, client),
+            unforeseen=("input_error", "the mock failed unexpectedly"),
+        )
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        busy = "already answered its one request (--once)" if self.once else "shutting down"
+        refusal = error_body(self.provider, f"sserelay: {busy}", "overloaded_error")
+        await _json_response(refusal, 503)(scope, receive, send)
+
+    def _ended(self, error: str | None) -> str | None:
+        # A file's count is its own (read anew each time); stdin's grows as it is read.
+        self.meter.invalid_utf8_bytes = self.text.invalid_utf8_bytes
+        return error
+
+    async def _answer(
+        self, request: MockRequest, scope: Scope, receive: Receive, send: Send, client: ClientMeter
+    ) -> Outcome:
+        client.model = request.model
+        answer = new_answer(self.provider, request, secrets.token_hex(12), int(time.time()))
+        prompt_tokens = sum(self.tokenizer.count(text) for text in request.prompt)
+        try:
+            passes = self.text.open()
+        except SourceError as exc:
+            body = error_body(self.provider, f"sserelay: {exc}", "api_error")
+            await _json_response(body, 500)(scope, receive, send)
+            return "input_error", str(exc)
+        sink = ASGISink(receive, send)
+        if request.stream:
+            frames = self._stream(answer, passes, prompt_tokens)
+            headers: Sequence[tuple[bytes, bytes]] = SSE_HEADERS
+        else:
+            frames = self._whole(answer, passes, prompt_tokens)
+            headers = JSON_HEADERS
+        try:
+            await relay_frames(
+                sink,
+                frames,
+                client=client,
+                heartbeat=self.heartbeat if request.stream else None,
+                headers=headers,
+            )
+        except ClientDisconnected:
+            return "client_disconnected", None
+        except SourceError as exc:
+            # The answer has started: it is cut (uvicorn closes a response left
+            # unfinished), so the client can tell it is truncated.
+            return "input_error", str(exc)
+        except asyncio.CancelledError:
+            if not self._interrupting:
+                raise
+            uncancel()
+            return "interrupted", None  # cut, as above
+        finally:
+            await passes.aclose()  # also when the answer never started reading it
+        await sink.end()
+        return "complete", None
+
+    def _chunks(self, batch: Sequence[str]) -> Sequence[str]:
+        return [chunk + "\n" for chunk in batch] if self.line_ends else batch
+
+    async def _stream(
+        self, answer: Answer, passes: AsyncGenerator[Batch, None], prompt_tokens: int
+    ) -> AsyncIterator[Frames]:
+        """The opening events at once, one event per chunk as each read makes it
+        ready (or as the pacer says: each request is paced on its own), then the
+        closing events with the usage."""
+        counter = self.tokenizer.counter()
+        pacer = self.pacer() if self.pacer is not None else None
+        completion_tokens = 0
+        try:
+            yield _frames(answer.start())
+            async for batch in passes:
+                at = None
+                if isinstance(batch, TimedBatch):
+                    at, batch = batch.at, batch.chunks
+                if pacer is None:
+                    events: list[Event] = []
+                    tokens = 0
+                    for chunk in self._chunks(batch):
+                        events += answer.text(chunk)
+                        tokens += counter.feed(chunk)
+                    if events:
+                        completion_tokens += tokens
+                        yield _frames(events, tokens)
+                    continue
+                for chunk in self._chunks(batch):
+                    tokens = counter.feed(chunk)
+                    wait = pacer.next_time(tokens, at, time.monotonic()) - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    completion_tokens += tokens
+                    events = answer.text(chunk)
+                    if events:
+                        yield _frames(events, tokens)
+        finally:
+            await passes.aclose()
+        yield _frames(answer.end(prompt_tokens, completion_tokens))
+
+    async def _whole(
+        self, answer: Answer, passes: AsyncGenerator[Batch, None], prompt_tokens: int
+    ) -> AsyncIterator[Frames]:
+        """One answer object once the text has ended (unpaced): one event, all its tokens."""
+        parts: list[str] = []
+        try:
+            async for batch in passes:
+                parts += self._chunks(batch.chunks if isinstance(batch, TimedBatch) else batch)
+        finally:
+            await passes.aclose()
+        text = "".join(parts)
+        tokens = self.tokenizer.counter().feed(text)
+        yield Frames(encode_json(answer.whole(text, prompt_tokens, tokens)), 1, tokens)
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _frames(events: list[Event], tokens: int = 0) -> Frames:
+    payload = b"".join(encode_event(event) for event in events)
+    return Frames(payload, len(events), tokens)
+
+
+def _json_response(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(encode_json(body), status_code=status, media_type="application/json")
+
+
+def create_mock_app(mock: Mock) -> Starlette:
+    """The completion route (with and without `/v1`), `GET /v1/models`, `/healthz`,
+    and a provider-shaped 404 for anything else."""
+    path = COMPLETION_PATHS[mock.provider]
+    short = path.removeprefix("/v1")
+    complete = _ASGI(mock.complete)
+    return Starlette(
+        routes=[
+            Route(path, complete, methods=["POST"]),
+            Route(short, complete, methods=["POST"]),
+            Route("/v1/models", mock.models, methods=["GET"]),
+            Route("/models", mock.models, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/{path:path}", _ASGI(mock.not_found)),
+        ]
+    )
+
+
+class _ASGI:
+    """A raw ASGI endpoint for a Route (starlette would take a bare method for a
+    request-response function)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)

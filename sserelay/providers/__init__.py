@@ -1,0 +1,1 @@
+"""What the providers' APIs say: payloads, usage, answers and error shapes (pure)."""

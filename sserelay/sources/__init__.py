@@ -1,0 +1,1 @@
+"""Where text comes from: files, stdin and FIFOs, pacing, the upstream."""

@@ -1,0 +1,199 @@
+"""stream_sse(): write chunks to one client as SSE events, flushed at once, metered as they go.
+
+The sink is the client's connection, seen through four calls: `start()` sends
+the headers, `write()` buffers bytes, `flush()` hands what was written to the
+connection and says whether the client was still there, `wait_disconnected()`
+returns when the client goes away. A batch of chunks that were ready together
+goes out in one flush; no chunk ever waits for a later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sserelay.errors import ClientDisconnected, NoFlushError
+from sserelay.metering.meter import ClientMeter
+from sserelay.metering.tokens import count_tokens
+from sserelay.wire.sse import encode_batch
+
+#: The response headers of every event stream (DESIGN.md). `X-Accel-Buffering`
+#: stops nginx-style proxies from buffering; no Content-Encoding, ever.
+SSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+)
+
+PING = b": ping\n\n"
+
+
+class EventSink(Protocol):
+    """A client connection that stream_sse() writes to."""
+
+    async def start(self, headers: Sequence[tuple[bytes, bytes]]) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    async def flush(self) -> bool:
+        """Send what was written. False if the client had gone away (nothing was delivered)."""
+        ...
+
+    async def wait_disconnected(self) -> None: ...
+
+
+class _Gone(Exception):
+    """The sink reported the client gone during a flush."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frames:
+    """Encoded SSE bytes holding `events` events and `tokens` tokens, written in one flush."""
+
+    payload: bytes
+    events: int
+    tokens: int
+
+
+async def encode_chunks(
+    batches: AsyncIterable[Sequence[str]],
+    *,
+    count: Callable[[str], int] = count_tokens,
+    ids: bool = True,
+    first_id: int = 1,
+) -> AsyncIterator[Frames]:
+    """One event per chunk, numbered from `first_id` unless `ids` is false;
+    each batch of chunks that were ready together becomes one Frames."""
+    next_id = first_id
+    source = aiter(batches)
+    try:
+        async for batch in source:
+            if not batch:
+                continue
+            tokens = sum(map(count, batch))
+            payload, _ = encode_batch(batch, next_id if ids else None)
+            next_id += len(batch)
+            yield Frames(payload, len(batch), tokens)
+
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def stream_sse(
+    sink: EventSink,
+    batches: AsyncIterable[Sequence[str]],
+    *,
+    client: ClientMeter,
+    count: Callable[[str], int] = count_tokens,
+    ids: bool = True,
+    first_id: int = 1,
+    heartbeat: float | None = None,
+) -> int:
+    """Stream every chunk of `batches` to `sink` as one SSE event each.
+
+    Each batch is encoded and flushed in one write; its events and tokens are
+    recorded on `client` once the sink has accepted them. Returns the tokens
+    written when `batches` ends. Raises ClientDisconnected (carrying the tokens
+    written so far) the moment the client goes away, and stops reading
+    `batches`; NoFlushError for a sink without flush(). With `heartbeat`
+    seconds, an idle stream gets a `: ping` comment that often.
+    """
+    frames = encode_chunks(batches, count=count, ids=ids, first_id=first_id)
+    return await relay_frames(sink, frames, client=client, heartbeat=heartbeat)
+
+
+async def relay_frames(
+    sink: EventSink,
+    frames: AsyncIterable[Frames],
+    *,
+    client: ClientMeter,
+    heartbeat: float | None = None,
+    headers: Sequence[tuple[bytes, bytes]] = SSE_HEADERS,
+) -> int:
+    """Write each Frames to `sink` and flush it at once: stream_sse() for
+    events that are already encoded (a relayed upstream, a broadcast).
+    Same contract as stream_sse()."""
+    if not callable(getattr(sink, "flush", None)):
+        raise NoFlushError()
+    await sink.start(headers)
+    activity = _Activity(asyncio.get_running_loop().time())
+    pump = asyncio.create_task(_pump(sink, aiter(frames), client, activity))
+    watcher = asyncio.create_task(sink.wait_disconnected())
+    tasks = {pump, watcher}
+    keep_alive = None
+    if heartbeat:
+        keep_alive = asyncio.create_task(_keep_alive(sink, heartbeat, activity))
+        tasks.add(keep_alive)  # it ends only when a ping finds the client gone, or fails
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Whatever ended the race (the source, the client, or a cancel from
+        # outside), the other side stops now: a gone client stops the reads,
+        # and the source is closed even if the pump stopped between reads.
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        aclose = getattr(frames, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    if keep_alive is not None and not keep_alive.cancelled():
+        if (error := keep_alive.exception()) is not None:
+            raise error  # a failed ping is not a gone client: say what went wrong
+    if pump.cancelled() or isinstance(pump.exception(), _Gone):
+        raise ClientDisconnected(client.tokens)
+    pump.result()  # re-raises a source error
+    return client.tokens
+
+
+class _Activity:
+    """What pump and keep-alive share: when the stream last wrote (event loop
+    time), and the lock that makes each write-and-flush whole, so a ping and
+    an event are never sent at once."""
+
+    __slots__ = ("last", "lock")
+
+    def __init__(self, last: float) -> None:
+        self.last = last
+        self.lock = asyncio.Lock()
+
+
+async def _pump(
+    sink: EventSink,
+    frames: AsyncIterator[Frames],
+    client: ClientMeter,
+    activity: _Activity,
+) -> None:
+    # The per-event path: the next Frames, write and flush it, bill it.
+    time = asyncio.get_running_loop().time
+    async for item in frames:
+        # No bytes: tokens of bytes already delivered (counted at the end), billed as they are.
+        if item.payload:
+            async with activity.lock:
+                sink.write(item.payload)
+                if not await sink.flush():
+                    raise _Gone
+            activity.last = time()
+        client.record(item.events, item.tokens, len(item.payload))
+
+
+async def _keep_alive(sink: EventSink, interval: float, activity: _Activity) -> None:
+    """Ping a stream once it has been idle for `interval`. One timer per client
+    rather than a timeout around every read: with 1,000 clients that is the
+    difference between a task per event per client and none."""
+    loop = asyncio.get_running_loop()
+    while True:
+        # A flush stuck on a slow client is not idleness: wait a whole interval more.
+        idle = 0.0 if activity.lock.locked() else loop.time() - activity.last
+        if idle < interval:
+            await asyncio.sleep(interval - idle)
+            continue
+        async with activity.lock:
+            sink.write(PING)
+            if not await sink.flush():
+                return
+        activity.last = loop.time()

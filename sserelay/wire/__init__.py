@@ -1,0 +1,1 @@
+"""Sans-IO Server-Sent Events: the encoder, the decoder, line and UTF-8 splitting."""
