@@ -20,9 +20,11 @@ import pytest
 PACKAGE = "sserelay"
 SOURCE = Path(__file__).resolve().parent.parent / PACKAGE
 
-#: The layers, lowest first. `errors` is the one hierarchy every layer raises from.
+#: The layers, lowest first. `errors` is the one hierarchy every layer raises from;
+#: `secrecy` masks secrets in whatever any layer prints or records.
 LAYERS = (
     "errors",
+    "secrecy",
     "wire",
     "metering",
     "providers",
@@ -34,7 +36,7 @@ LAYERS = (
     "cli",
 )
 #: Sans-IO layers: testable without sockets, an event loop or a terminal.
-PURE_LAYERS = ("errors", "wire", "metering", "providers")
+PURE_LAYERS = ("errors", "secrecy", "wire", "metering", "providers")
 #: What the pure layers may never import: an event loop, the network, the HTTP stack, the face.
 IO_MODULES = {"asyncio", "httpx", "starlette", "uvicorn", "click", "rich", "socket", "threading"}
 #: Only the HTTP layer (and the CLI above it) may speak ASGI frameworks.

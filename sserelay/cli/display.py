@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from sserelay.metering.meter import Bill, ClientBill, ClientMeter, Totals
+from sserelay.metering.bill import Bill, ClientBill, Totals
+from sserelay.metering.meter import ClientMeter, MeterObserver
+from sserelay.metering.usage import Usage
 
 
 def format_count(n: float) -> str:
@@ -67,34 +69,37 @@ def format_bill(bill: Bill) -> str:
     if bill.invalid_utf8_bytes:
         rows.append(f"  input       {bill.invalid_utf8_bytes} invalid UTF-8 bytes replaced")
     if bill.upstream_usage is not None:
-        usage = ", ".join(f"{k}={v}" for k, v in bill.upstream_usage.items())
+        usage = ", ".join(f"{k}={v}" for k, v in bill.upstream_usage.to_dict().items())
         rows.append(f"  upstream    {usage}")
     for c in bill.clients:
         rows.append(
             f"  client {c.id:<4} {c.peer or '-':<22} {format_count(c.tokens):>10} tokens "
             f"{format_count(c.events):>8} events {format_count(c.bytes):>12} bytes  {c.reason}"
         )
-        if c.method is not None:  # a proxied request
+        if c.request is not None:  # a proxied or mocked request
             rows.append(f"              {format_request(c)}")
     if not bill.clients:
         rows.append("  no client connected")
     return "\n".join(rows)
 
 
-def format_usage(usage: dict[str, int | None]) -> str:
+def format_usage(usage: Usage) -> str:
     """An upstream's usage report; a count it did not report is `?`, never 0."""
     shown = {"input_tokens": "in", "output_tokens": "out", "total_tokens": "total"}
     return " ".join(
         f"{shown.get(key, key)}={'?' if value is None else format_count(value)}"
-        for key, value in usage.items()
+        for key, value in usage.to_dict().items()
     )
 
 
 def format_request(c: ClientBill) -> str:
     """What a proxied request was and what the upstream said about it."""
-    parts = [c.method or "-", c.path or "/", str(c.upstream_status or "-")]
-    if c.model:
-        parts.append(c.model)
+    request = c.request
+    if request is None:
+        return "-"
+    parts = [request.method, request.path or "/", str(request.status or "-")]
+    if request.model:
+        parts.append(request.model)
     if c.upstream_usage is not None:
         parts.append(f"upstream {format_usage(c.upstream_usage)}")
     if c.cost is not None:
@@ -116,9 +121,10 @@ def format_active(client: ClientMeter, now: float) -> str:
     """A live row for a request still being proxied."""
     elapsed = now - client.opened_at
     rate = client.tokens / elapsed if elapsed > 0 else 0.0
+    request = client.request
+    what = "-" if request is None else f"{request.method} {request.path or '/'}"
     return (
-        f"{client.method or '-'} {client.path or '/'} {client.model or '-'} · "
-        f"{format_count(client.tokens)} tokens · {rate:,.1f} tok/s"
+        f"{what} {client.model or '-'} · {format_count(client.tokens)} tokens · {rate:,.1f} tok/s"
     )
 
 
@@ -178,3 +184,19 @@ class LiveCounter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
+
+
+class Receipts(MeterObserver):
+    """Prints a receipt line on stderr as each request (`serve --as`, `proxy`) ends. With
+    `errors` false the request's error is left out (with `--once` it is the run's, printed
+    as `sserelay: error:`, not twice)."""
+
+    def __init__(self, console: Console, *, errors: bool = True) -> None:
+        self._console = console
+        self._errors = errors
+
+    def closed(self, bill: ClientBill) -> None:
+        if bill.request is None:
+            return
+        receipt = format_receipt(bill, bill.error if self._errors else None)
+        self._console.print(f"sserelay: {receipt}", highlight=False, markup=False)

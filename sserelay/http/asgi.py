@@ -1,43 +1,50 @@
-"""The ASGI side every endpoint (the stream, the mock, the proxy) shares.
+"""The ASGI pieces every endpoint (the stream, the mock, the proxy) shares.
 
-`ASGISink` is the EventSink over one response; the functions read a request
-(its body, its peer), watch for its disconnect, and answer `/healthz`.
-`RequestEndpoint` is the life cycle of the mock and the proxy, which bill
-each request on its own row.
+`ASGISink` is the EventSink over one response; the functions read a request (its body,
+its peer, its headers), watch for its disconnect, race an await against the end of the
+request or of the run, and answer small responses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from sserelay.metering.meter import ClientMeter, Meter
+T = TypeVar("T")
 
-#: Called with each request's meter, closed, and its error message (None if it had none).
-OnFinished = Callable[[ClientMeter, "str | None"], None]
-#: How a request ended: its reason (a bill reason) and its error message, if any.
-Outcome = tuple[str, "str | None"]
+#: The ASGI extension our server adds (http/server.py): whether the connection still takes
+#: what is sent, answered synchronously, right after a send.
+CONNECTION_EXTENSION = "sserelay.connection"
+#: The ASGI extension whose `abort()` closes the connection at once with a reset.
+ABORT_EXTENSION = "sserelay.abort"
+#: The largest request body the mock and the proxy read (a prompt with images is large).
+MAX_REQUEST_BODY = 64 * 1024 * 1024
 
 
 class ASGISink:
-    """An EventSink over one ASGI response, sent with `status` (200 unless set
-    before start()).
+    """An EventSink over one ASGI response, sent with `status` (200 unless set before start()).
 
-    `gone` is set once the client has disconnected, and stays set. The sink
-    learns of it by reading `receive` in wait_disconnected(), which
-    relay_frames() runs for as long as the stream."""
+    `gone` is set once the client has disconnected, and stays set. The sink learns of it by
+    reading `receive` in wait_disconnected(), which relay_frames() runs for as long as the
+    stream; on our own server it also asks the connection right after each send, which makes
+    a flush exact with no extra turn of the event loop."""
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, scope: Scope | None = None) -> None:
         self._receive = receive
         self._send = send
         self._buffer: list[bytes] = []
+        self._connected = _extension(scope, CONNECTION_EXTENSION, "open")
         self.status = 200
         self.started = False
+        self.accepted = False
         self.gone = asyncio.Event()
 
     async def start(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
@@ -52,12 +59,22 @@ class ASGISink:
     async def flush(self) -> bool:
         body = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
         self._buffer.clear()
+        self.accepted = False
+        # uvicorn may wait for the socket to drain before it writes; nothing is written if
+        # a cancel lands there.
         await self._send({"type": "http.response.body", "body": body, "more_body": True})
-        # uvicorn drops a write to a closed connection without a word. If the
-        # connection was lost before this write, the watcher's wake-up is
-        # already queued: one yield lets it run, so a lost write is never billed.
+        if self._connected is not None:
+            # uvicorn drops a write to a closed connection without a word, and writes at
+            # once otherwise: asked now, the connection says which it was.
+            self.accepted = bool(self._connected())
+            return self.accepted
+        # Elsewhere: if the connection was lost before this write, the watcher's wake-up is
+        # already queued; one yield lets it run, so a lost write is never billed. A cancel
+        # during that yield lands after the bytes were handed over: they are billed.
+        self.accepted = True
         await asyncio.sleep(0)
-        return not self.gone.is_set()
+        self.accepted = not self.gone.is_set()
+        return self.accepted
 
     async def wait_disconnected(self) -> None:
         await watch_disconnect(self._receive, self.gone)
@@ -66,6 +83,16 @@ class ASGISink:
         """Finish the response cleanly (the terminating chunk), if the client is still there."""
         if self.started and not self.gone.is_set():
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _extension(scope: Scope | None, name: str, key: str) -> Callable[[], Any] | None:
+    found = (scope or {}).get("extensions", {}).get(name, {}).get(key)
+    return found if callable(found) else None
+
+
+def abort_of(scope: Scope) -> Callable[[], None] | None:
+    """The connection's hard close, where the server offers it (see server.py)."""
+    return _extension(scope, ABORT_EXTENSION, "abort")
 
 
 async def watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
@@ -77,16 +104,59 @@ async def watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
     gone.set()
 
 
-async def read_body(receive: Receive) -> bytes | None:
-    """The whole request body; None if the client left before sending it."""
+async def read_body(receive: Receive, limit: int | None = None) -> bytes | None:
+    """The whole request body; None if the client left before sending it. A body over
+    `limit` bytes raises BodyTooLarge as soon as it is over (the rest is not read)."""
     parts: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        parts.append(message.get("body", b""))
+        part = message.get("body", b"")
+        size += len(part)
+        if limit is not None and size > limit:
+            raise BodyTooLarge(limit)
+        parts.append(part)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+class BodyTooLarge(Exception):
+    """A request body over the limit (answered 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is over {limit:,} bytes")
+        self.limit = limit
+
+
+async def unless(awaitable: Awaitable[T], *ends: asyncio.Event | asyncio.Future[Any]) -> T | None:
+    """The result of `awaitable`, or None (and `awaitable` cancelled) if one of `ends` (the
+    client gone, the run stopping) comes first. An error `awaitable` raised while an end
+    came is no longer anybody's: None too."""
+    task = asyncio.ensure_future(awaitable)
+    waiters = [
+        asyncio.ensure_future(end.wait()) if isinstance(end, asyncio.Event) else end for end in ends
+    ]
+    try:
+        await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for end, waiter in zip(ends, waiters, strict=True):
+            if waiter is not end:  # a shared future is not ours to cancel
+                waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if not task.done() or task.cancelled():
+        return None
+    if any(_is_set(end) for end in ends) and task.exception() is not None:
+        return None
+    return task.result()
+
+
+def _is_set(end: asyncio.Event | asyncio.Future[Any]) -> bool:
+    return end.is_set() if isinstance(end, asyncio.Event) else end.done()
 
 
 def peer(scope: Scope) -> str:
@@ -95,84 +165,51 @@ def peer(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else ""
 
 
-def uncancel() -> None:
-    """In an `except CancelledError` for a cancel the endpoint sent itself (an
-    interrupt, a cut-off): take it back, so the request ends cleanly and is billed."""
-    current = asyncio.current_task()
-    if current is not None:
-        current.uncancel()
+def header_values(scope: Scope, name: bytes) -> list[str]:
+    """Every value of the request header `name` (lower case), in order."""
+    return [bytes(value).decode("latin-1") for key, value in scope["headers"] if key == name]
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of the request header `name` (lower case), if it was sent."""
+    values = header_values(scope, name)
+    return values[0] if values else None
+
+
+def query_value(scope: Scope, name: str) -> str | None:
+    """The last value of the query parameter `name`, if it was sent."""
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[-1] if values else None
+
+
+async def send_response(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """A whole small response, from inside a raw ASGI endpoint."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_json(
+    send: Send, status: int, body: object, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    await send_response(send, status, data, b"application/json", headers)
 
 
 async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
-
-
-class RequestEndpoint:
-    """An endpoint that bills each request on its own row (`serve --as`, `proxy`).
-
-    `finished` is set when the run is over: on interrupt(), or with `once`
-    after the first billed request ends (its reason and error are then the
-    run's). `on_finished` sees each request as it ends."""
-
-    def __init__(self, meter: Meter, *, once: bool, on_finished: OnFinished) -> None:
-        self.meter = meter
-        self.once = once
-        self.on_finished = on_finished
-        self.finished = asyncio.Event()
-        self.reason: str | None = None
-        self.error: str | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._claimed = False
-        self._interrupting = False
-
-    @property
-    def closed(self) -> bool:
-        """Whether a new request is refused: shutting down, or (`once`) the one request taken."""
-        return (self.once and self._claimed) or self._interrupting
-
-    def interrupt(self) -> None:
-        """Ctrl-C or SIGTERM: cut every open request and finish."""
-        self._interrupting = True
-        for task in self._tasks:
-            task.cancel()
-        self._finish("interrupted")
-
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.error = error
-        self.finished.set()
-
-    async def _bill_request(
-        self,
-        scope: Scope,
-        handle: Callable[[ClientMeter], Awaitable[Outcome]],
-        *,
-        unforeseen: Outcome,
-    ) -> None:
-        """Run `handle` for this request as a row of the bill, cut by interrupt().
-        `unforeseen` is the outcome if something escapes `handle`: the request is
-        still billed and `once` still ends, rather than waiting for a request that is gone."""
-        self._claimed = True
-        client = self.meter.open_client(peer(scope))
-        client.method = scope["method"]
-        client.path = scope["path"]  # never the query: keys travel there
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        outcome = unforeseen
-        try:
-            outcome = await handle(client)
-        finally:
-            self._tasks.discard(task)
-            reason, error = outcome
-            client.close(reason)
-            error = self._ended(error)
-            self.on_finished(client, error)
-            if self.once:
-                self._finish(reason, error)
-
-    def _ended(self, error: str | None) -> str | None:
-        """A request has ended (and is closed on the meter) with `error`: the
-        error as its receipt and the run show it."""
-        return error

@@ -23,35 +23,38 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from sserelay.errors import ClientDisconnected, SourceError
+from sserelay.errors import ClientDisconnected, Interrupted, SourceError
+from sserelay.http.access import Access
 from sserelay.http.asgi import (
+    MAX_REQUEST_BODY,
     ASGISink,
-    OnFinished,
-    Outcome,
-    RequestEndpoint,
+    BodyTooLarge,
     healthz,
     read_body,
-    uncancel,
+    send_json,
+    send_response,
+    unless,
 )
+from sserelay.http.endpoint import Endpoint, Outcome, answer_error
+from sserelay.metering.bill import ClientBill, RequestFacts
 from sserelay.metering.meter import ClientMeter, Meter
+from sserelay.metering.reason import Reason
 from sserelay.metering.tokens import Tokenizer
 from sserelay.providers.answers import (
     Answer,
     MockRequest,
     encode_json,
-    error_body,
     models_list,
     new_answer,
     read_request,
 )
-from sserelay.sources.pacing import Pacer
+from sserelay.sources.pacing import Counted, Pacer, paced
 from sserelay.sources.text import Batch, TimedBatch
-from sserelay.streaming.stream import SSE_HEADERS, Frames, relay_frames
+from sserelay.streaming.stream import SSE_HEADERS, relay_frames
+from sserelay.wire.frames import Frames
 from sserelay.wire.sse import Event, encode_event
 
 JSON_HEADERS = ((b"content-type", b"application/json"),)
@@ -166,7 +169,7 @@ class SharedText:
                 await self._reader
 
 
-class Mock(RequestEndpoint):
+class Mock(Endpoint):
     """The ASGI endpoint of `serve --as PROVIDER`; each completion request is a
     row of the bill (and, with `once`, the run's one request).
 
@@ -184,11 +187,11 @@ class Mock(RequestEndpoint):
         pacer: Callable[[], Pacer] | None = None,
         heartbeat: float | None = None,
         once: bool = False,
-        on_finished: OnFinished = lambda client, error: None,
+        access: Access | None = None,
     ) -> None:
         if provider not in COMPLETION_PATHS:
             raise ValueError(f"unknown provider {provider!r}")
-        super().__init__(meter, once=once, on_finished=on_finished)
+        super().__init__(meter, access=access, once=once)
         self.provider = provider
         self.text = text
         self.tokenizer = tokenizer
@@ -196,68 +199,80 @@ class Mock(RequestEndpoint):
         self.pacer = pacer
         self.heartbeat = heartbeat
 
-    async def models(self, request: Request) -> Response:
-        return _json_response(models_list(self.provider))
+    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self.access.authorize(scope)
+        if refusal is not None:
+            await self.refuse(send, refusal, self.provider)
+            return
+        await send_json(send, 200, models_list(self.provider), self.access.cors_headers)
 
     async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "OPTIONS":
+            await self.preflight(scope, receive, send)
+            return
         path = COMPLETION_PATHS[self.provider]
         message = f"sserelay --as {self.provider} answers POST {path} and GET /v1/models"
-        await _json_response(error_body(self.provider, message, "not_found_error"), 404)(
-            scope, receive, send
-        )
+        await answer_error(send, 404, message, self.provider, headers=self.access.cors_headers)
+
+    async def preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = self.access.preflight_headers("GET, POST")
+        await send_response(send, 204, b"", b"text/plain", headers)
 
     async def complete(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A completion request: stream (or send whole) the text, metered."""
-        if self.closed:
-            await self._refuse(scope, receive, send)
+        if scope["method"] == "OPTIONS":
+            await self.preflight(scope, receive, send)
             return
-        body = await read_body(receive)
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await self.refuse(send, refusal, self.provider)
+            return
+        try:
+            body = await unless(read_body(receive, MAX_REQUEST_BODY), self.stop)
+        except BodyTooLarge as exc:
+            await answer_error(send, 413, str(exc), self.provider)
+            return
         if body is None:
-            return  # gone before it asked anything: nothing to bill
+            return  # gone (or shutting down) before it asked anything: nothing to bill
         try:
             request = read_request(self.provider, body)
         except ValueError as exc:
-            await _json_response(error_body(self.provider, str(exc)), 400)(scope, receive, send)
+            await answer_error(send, 400, str(exc), self.provider)
             return
-        if self.closed:  # again: with --once, another request may have been taken meanwhile
-            await self._refuse(scope, receive, send)
+        refusal = self.refusal(scope)  # again: with --once, another may have been taken
+        if refusal is not None:
+            await self.refuse(send, refusal, self.provider)
             return
-        # No await from the check above to the claim in _bill_request().
-        await self._bill_request(
+        # No await from the check above to the claim in serve_client().
+        await self.serve_client(
             scope,
             lambda client: self._answer(request, scope, receive, send, client),
-            unforeseen=("input_error", "the mock failed unexpectedly"),
+            request=RequestFacts(scope["method"], scope["path"], request.model),
+            unforeseen=(Reason.INPUT_ERROR, "the mock failed unexpectedly"),
         )
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        busy = "already answered its one request (--once)" if self.once else "shutting down"
-        refusal = error_body(self.provider, f"sserelay: {busy}", "overloaded_error")
-        await _json_response(refusal, 503)(scope, receive, send)
-
-    def _ended(self, error: str | None) -> str | None:
+    def _ended(self, bill: ClientBill) -> None:
         # A file's count is its own (read anew each time); stdin's grows as it is read.
         self.meter.invalid_utf8_bytes = self.text.invalid_utf8_bytes
-        return error
+        super()._ended(bill)
 
     async def _answer(
         self, request: MockRequest, scope: Scope, receive: Receive, send: Send, client: ClientMeter
     ) -> Outcome:
-        client.model = request.model
         answer = new_answer(self.provider, request, secrets.token_hex(12), int(time.time()))
         prompt_tokens = sum(self.tokenizer.count(text) for text in request.prompt)
         try:
             passes = self.text.open()
         except SourceError as exc:
-            body = error_body(self.provider, f"sserelay: {exc}", "api_error")
-            await _json_response(body, 500)(scope, receive, send)
-            return "input_error", str(exc)
-        sink = ASGISink(receive, send)
+            await answer_error(send, 500, str(exc), self.provider)
+            return Reason.INPUT_ERROR, str(exc)
+        sink = ASGISink(receive, send, scope)
         if request.stream:
             frames = self._stream(answer, passes, prompt_tokens)
-            headers: Sequence[tuple[bytes, bytes]] = SSE_HEADERS
+            headers: list[tuple[bytes, bytes]] = [*SSE_HEADERS, *self.access.cors_headers]
         else:
             frames = self._whole(answer, passes, prompt_tokens)
-            headers = JSON_HEADERS
+            headers = [*JSON_HEADERS, *self.access.cors_headers]
         try:
             await relay_frames(
                 sink,
@@ -265,22 +280,20 @@ class Mock(RequestEndpoint):
                 client=client,
                 heartbeat=self.heartbeat if request.stream else None,
                 headers=headers,
+                stop=self.stop,
             )
         except ClientDisconnected:
-            return "client_disconnected", None
-        except SourceError as exc:
+            return Reason.CLIENT_DISCONNECTED, None
+        except (SourceError, Interrupted) as exc:
             # The answer has started: it is cut (uvicorn closes a response left
             # unfinished), so the client can tell it is truncated.
-            return "input_error", str(exc)
-        except asyncio.CancelledError:
-            if not self._interrupting:
-                raise
-            uncancel()
-            return "interrupted", None  # cut, as above
+            return Reason(exc.reason or Reason.INPUT_ERROR), (
+                str(exc) if isinstance(exc, SourceError) else None
+            )
         finally:
             await passes.aclose()  # also when the answer never started reading it
         await sink.end()
-        return "complete", None
+        return Reason.COMPLETE, None
 
     def _chunks(self, batch: Sequence[str]) -> Sequence[str]:
         return [chunk + "\n" for chunk in batch] if self.line_ends else batch
@@ -294,31 +307,22 @@ class Mock(RequestEndpoint):
         counter = self.tokenizer.counter()
         pacer = self.pacer() if self.pacer is not None else None
         completion_tokens = 0
-        try:
-            yield _frames(answer.start())
+
+        async def counted() -> AsyncIterator[Counted]:
             async for batch in passes:
                 at = None
                 if isinstance(batch, TimedBatch):
                     at, batch = batch.at, batch.chunks
-                if pacer is None:
-                    events: list[Event] = []
-                    tokens = 0
-                    for chunk in self._chunks(batch):
-                        events += answer.text(chunk)
-                        tokens += counter.feed(chunk)
-                    if events:
-                        completion_tokens += tokens
-                        yield _frames(events, tokens)
-                    continue
-                for chunk in self._chunks(batch):
-                    tokens = counter.feed(chunk)
-                    wait = pacer.next_time(tokens, at, time.monotonic()) - time.monotonic()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    completion_tokens += tokens
-                    events = answer.text(chunk)
-                    if events:
-                        yield _frames(events, tokens)
+                chunks = self._chunks(batch)
+                yield chunks, [counter.feed(chunk) for chunk in chunks], at
+
+        try:
+            yield _frames(answer.start())
+            async for chunks, tokens in paced(counted(), pacer):
+                events = [event for chunk in chunks for event in answer.text(chunk)]
+                if events:
+                    completion_tokens += sum(tokens)
+                    yield _frames(events, sum(tokens))
         finally:
             await passes.aclose()
         yield _frames(answer.end(prompt_tokens, completion_tokens))
@@ -349,10 +353,6 @@ def _frames(events: list[Event], tokens: int = 0) -> Frames:
     return Frames(payload, len(events), tokens)
 
 
-def _json_response(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(encode_json(body), status_code=status, media_type="application/json")
-
-
 def create_mock_app(mock: Mock) -> Starlette:
     """The completion route (with and without `/v1`), `GET /v1/models`, `/healthz`,
     and a provider-shaped 404 for anything else."""
@@ -363,8 +363,8 @@ def create_mock_app(mock: Mock) -> Starlette:
         routes=[
             Route(path, complete, methods=["POST"]),
             Route(short, complete, methods=["POST"]),
-            Route("/v1/models", mock.models, methods=["GET"]),
-            Route("/models", mock.models, methods=["GET"]),
+            Route("/v1/models", _ASGI(mock.models), methods=["GET"]),
+            Route("/models", _ASGI(mock.models), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/{path:path}", _ASGI(mock.not_found)),
         ]

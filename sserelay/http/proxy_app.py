@@ -8,6 +8,8 @@ payload meter and row of the bill. `/healthz` is answered here, not forwarded.
 One task per request watches for the client's disconnect from the moment the
 request body is in: a client that leaves while the upstream is still
 connecting, or mid-stream, gets its upstream response closed at once.
+Errors sserelay answers itself are in the error shape of the API the request
+was for (by its path), so the client's SDK can say why.
 """
 
 from __future__ import annotations
@@ -15,36 +17,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Callable
 
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from sserelay.errors import ClientDisconnected, UpstreamError, UpstreamTimeout
+from sserelay.errors import ClientDisconnected, Interrupted, UpstreamError, UpstreamTimeout
+from sserelay.http.access import Access
 from sserelay.http.asgi import (
+    MAX_REQUEST_BODY,
     ASGISink,
-    OnFinished,
-    Outcome,
-    RequestEndpoint,
+    BodyTooLarge,
     healthz,
     read_body,
-    uncancel,
+    send_response,
+    unless,
     watch_disconnect,
 )
+from sserelay.http.endpoint import Endpoint, Outcome, answer_error
+from sserelay.metering.bill import RequestFacts
 from sserelay.metering.meter import ClientMeter, Meter
-from sserelay.metering.pricing import PriceList
+from sserelay.metering.reason import Reason
 from sserelay.metering.tokens import Tokenizer
+from sserelay.providers.errors import api_of_path, error_detail
 from sserelay.providers.payloads import PayloadMeter
+from sserelay.providers.requests import ask_for_usage, read_json_request, requested_model
 from sserelay.record.format import Header
 from sserelay.record.recorder import Recorder
+from sserelay.secrecy import Redactor
 from sserelay.sources.upstream import Headers, Upstream, UpstreamResponse
 from sserelay.streaming.relays import BodyRelay, EventRelay, LineRelay
-from sserelay.streaming.stream import Frames, relay_frames
+from sserelay.streaming.stream import relay_frames
+from sserelay.wire.frames import Frames
 
-T = TypeVar("T")
 Relay = EventRelay | LineRelay | BodyRelay
 
 
@@ -58,7 +64,7 @@ class _WatchedSink(ASGISink):
         await self.gone.wait()
 
 
-class Proxy(RequestEndpoint):
+class Proxy(Endpoint):
     """The ASGI endpoint of `sserelay proxy`; each proxied request is a row of
     the bill (and, with `once`, the run's one request)."""
 
@@ -72,64 +78,75 @@ class Proxy(RequestEndpoint):
         keep_comments: bool = False,
         include_usage: bool = False,
         heartbeat: float | None = None,
-        prices: PriceList | None = None,
         once: bool = False,
-        on_finished: OnFinished = lambda client, error: None,
         recorder: Recorder | None = None,
+        access: Access | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         PayloadMeter(payload)  # an unknown kind is a ValueError now, not per request
-        super().__init__(meter, once=once, on_finished=on_finished)
+        super().__init__(meter, access=access, once=once)
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.payload = payload
         self.keep_comments = keep_comments
         self.include_usage = include_usage
         self.heartbeat = heartbeat
-        self.prices = prices
         self.recorder = recorder
-        self._secrets = sorted(upstream.secrets, key=len, reverse=True)
-
-    def redact(self, text: str) -> str:
-        """`text` with every configured secret replaced by `***`."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        self.redactor = redactor or Redactor(upstream.secrets)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        if self.closed:
-            busy = "already proxied its one request (--once)" if self.once else "shutting down"
-            await PlainTextResponse(f"sserelay: {busy}\n", status_code=503)(scope, receive, send)
+        api = api_of_path(scope["path"])
+        if scope["method"] == "OPTIONS" and self.access.cors_origin:
+            # A browser's preflight is ours to answer: the upstream never sees the page.
+            headers = self.access.preflight_headers("GET, POST, PUT, PATCH, DELETE")
+            await send_response(send, 204, b"", b"text/plain", headers)
             return
-        await self._bill_request(
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await self.refuse(send, refusal, api)
+            return
+        await self.serve_client(
             scope,
-            lambda client: self._forward(scope, receive, send, client),
-            unforeseen=("upstream_error", "the proxy failed unexpectedly"),
+            lambda client: self._forward(scope, receive, send, client, api),
+            request=RequestFacts(scope["method"], scope["path"]),
+            unforeseen=(Reason.UPSTREAM_ERROR, "the proxy failed unexpectedly"),
         )
 
-    def _ended(self, error: str | None) -> str | None:
-        return None if error is None else self.redact(error)
-
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, client: ClientMeter
+        self, scope: Scope, receive: Receive, send: Send, client: ClientMeter, api: str
     ) -> Outcome:
-        sink = _WatchedSink(receive, send)
+        outcome = await self._relay(scope, receive, send, client, api)
+        reason, error = outcome
+        return reason, None if error is None else self.redactor.redact(error)
+
+    async def _relay(
+        self, scope: Scope, receive: Receive, send: Send, client: ClientMeter, api: str
+    ) -> Outcome:
+        sink = _WatchedSink(receive, send, scope)
+        cors = self.access.cors_headers
         watcher: asyncio.Task[None] | None = None
         response: UpstreamResponse | None = None
         relay: Relay | None = None
         frames: AsyncGenerator[Frames, None] | None = None
         recorder = self.recorder if self.recorder is not None and self.recorder.claim() else None
         try:
-            body = await read_body(receive)
+            try:
+                body = await unless(read_body(receive, MAX_REQUEST_BODY), self.stop)
+            except BodyTooLarge as exc:
+                await answer_error(send, 413, str(exc), api, headers=cors)
+                return Reason.CLIENT_DISCONNECTED, str(exc)
             if body is None:
-                return "client_disconnected", None
+                if self.stopping:
+                    await answer_error(send, 503, "shutting down", api, headers=cors)
+                    return Reason.INTERRUPTED, None
+                return Reason.CLIENT_DISCONNECTED, None
             body, strip_usage, model = self._prepare(body)
-            client.model = model
+            client.update_request(model=model)
             watcher = asyncio.create_task(watch_disconnect(receive, sink.gone))
             try:
-                response = await _unless(
-                    sink.gone,
+                response = await unless(
                     self.upstream.open(
                         scope["method"],
                         scope.get("raw_path") or scope["path"].encode(),
@@ -137,14 +154,20 @@ class Proxy(RequestEndpoint):
                         scope["headers"],
                         body,
                     ),
+                    sink.gone,
+                    self.stop,
                 )
             except UpstreamError as exc:
                 status = 504 if isinstance(exc, UpstreamTimeout) else 502
-                await _plain(send, status, f"sserelay: upstream error: {exc}\n")
-                return "upstream_error", str(exc)
+                message = f"upstream error: {self.redactor.redact(str(exc))}"
+                await answer_error(send, status, message, api, headers=cors)
+                return Reason.UPSTREAM_ERROR, str(exc)
             if response is None:
-                return "client_disconnected", None
-            client.upstream_status = response.status
+                if self.stopping and not sink.gone.is_set():
+                    await answer_error(send, 503, "shutting down", api, headers=cors)
+                    return Reason.INTERRUPTED, None
+                return Reason.CLIENT_DISCONNECTED, None
+            client.update_request(status=response.status)
             sink.status = response.status
             relay, headers = self._relay_for(response, strip_usage)
             progress = _Progress()
@@ -161,32 +184,30 @@ class Proxy(RequestEndpoint):
                     frames,
                     client=client,
                     heartbeat=self.heartbeat if isinstance(relay, EventRelay) else None,
-                    headers=headers,
+                    headers=[*headers, *cors],
+                    stop=self.stop,
                 )
             except ClientDisconnected:
                 # A client that leaves once it has the end of the answer ([DONE],
                 # message_stop, ...) got all of it, whatever the upstream still sends.
-                return ("complete" if progress.end_delivered else "client_disconnected"), None
-            except UpstreamError as exc:
+                if progress.end_delivered:
+                    return Reason.COMPLETE, None
+                return Reason.CLIENT_DISCONNECTED, None
+            except (UpstreamError, Interrupted) as exc:
                 # Cut the client's connection instead of ending the response: like
                 # nginx when its upstream dies, so the client can tell it is truncated.
                 # (uvicorn closes a connection whose app returns before the end.)
-                return "upstream_error", str(exc)
+                if isinstance(exc, Interrupted):
+                    return Reason.INTERRUPTED, None
+                return Reason.UPSTREAM_ERROR, str(exc)
             await sink.end()
             if response.status >= 400:
-                return "upstream_error", self._status_error(response, relay)
-            return "complete", None
-        except asyncio.CancelledError:
-            if not self._interrupting:
-                raise
-            uncancel()
-            if not sink.started:
-                await _plain(send, 503, "sserelay: shutting down\n")
-            return "interrupted", None  # a started response is cut, as above
+                return Reason.UPSTREAM_ERROR, self._status_error(response, relay)
+            return Reason.COMPLETE, None
         finally:
             if frames is not None:
-                # relay_frames() closes it, unless it is cut before it starts or
-                # cancelled again while closing: close it here too (a no-op if done).
+                # relay_frames() closes it, unless it is cut before it starts: close it
+                # here too (a no-op if done).
                 await frames.aclose()
             if watcher is not None:
                 watcher.cancel()
@@ -199,14 +220,9 @@ class Proxy(RequestEndpoint):
 
     def _prepare(self, body: bytes) -> tuple[bytes, bool, str | None]:
         """The body to send, whether to strip the usage chunk, the model asked for."""
-        try:
-            request = json.loads(body) if body else None
-        except (ValueError, RecursionError):
-            return body, False, None
-        if not isinstance(request, dict):
-            return body, False, None
-        model = request.get("model") if isinstance(request.get("model"), str) else None
-        if not self.include_usage:
+        request = read_json_request(body)
+        model = requested_model(request)
+        if request is None or not self.include_usage:
             return body, False, model
         rewritten = ask_for_usage(request)
         if rewritten is None:
@@ -249,7 +265,7 @@ class Proxy(RequestEndpoint):
         async for chunk in response.chunks():
             frames = relay.decode(chunk)
             if payload.model is not None:
-                client.model = payload.model
+                client.update_request(model=payload.model)
             if frames.payload:
                 yield frames
                 # relay_frames asks for more only once these were flushed to the client.
@@ -267,18 +283,13 @@ class Proxy(RequestEndpoint):
 
     def _settle(self, client: ClientMeter, relay: Relay) -> None:
         """Copy what the upstream reported onto the request's bill row."""
-        usage = relay.payload.usage
-        client.upstream_usage = None if usage is None else usage.to_dict()
-        client.model = relay.payload.model or client.model
+        client.upstream_usage = relay.payload.usage
+        client.update_request(model=relay.payload.model)
         self.meter.invalid_utf8_bytes += relay.invalid_utf8_bytes
-        if self.prices is not None:
-            price = self.prices.for_model(client.model)
-            if price is not None:
-                client.prices = (price.input, price.output)
 
     def _status_error(self, response: UpstreamResponse, relay: Relay) -> str:
         message = f"upstream answered {response.status} {response.reason}".rstrip()
-        detail = _error_detail(relay.text) if isinstance(relay, BodyRelay) else ""
+        detail = error_detail(relay.text) if isinstance(relay, BodyRelay) else ""
         return f"{message}: {detail}" if detail else message
 
 
@@ -289,74 +300,6 @@ class _Progress:
 
     def __init__(self) -> None:
         self.end_delivered = False
-
-
-def ask_for_usage(request: dict[str, Any]) -> dict[str, Any] | None:
-    """`request` with `stream_options.include_usage` set, if it is a streaming
-    OpenAI-style chat request that did not ask for usage itself; else None."""
-    if request.get("stream") is not True or not isinstance(request.get("messages"), list):
-        return None
-    options = request.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return None
-    options = dict(options) if isinstance(options, dict) else {}
-    options["include_usage"] = True
-    return {**request, "stream_options": options}
-
-
-def _error_detail(body: str) -> str:
-    """A short reason from an error body: its JSON error message, else its first line."""
-    text = body.strip()
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        obj = None
-    if isinstance(obj, dict):
-        error = obj.get("error")
-        for candidate in (
-            error.get("message") if isinstance(error, dict) else error,
-            obj.get("message"),
-            obj.get("detail"),
-        ):
-            if isinstance(candidate, str) and candidate.strip():
-                text = candidate
-                break
-    line = " ".join(text.split())
-    return line if len(line) <= 160 else line[:157] + "..."
-
-
-async def _unless(gone: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
-    """The result of `awaitable`, or None (and `awaitable` cancelled) if `gone` is set first."""
-    task = asyncio.ensure_future(awaitable)
-    waiter = asyncio.ensure_future(gone.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, UpstreamError):
-                await task
-    if not task.done() or task.cancelled():
-        return None
-    if gone.is_set() and task.exception() is not None:
-        return None  # the client left: whatever went wrong upstream is no longer its error
-    return task.result()
-
-
-async def _plain(send: Send, status: int, text: str) -> None:
-    body = text.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def create_proxy_app(proxy: Proxy) -> Starlette:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from sserelay.errors import SSERelayError
+from sserelay.errors import ListenError
 
 T = TypeVar("T")
 
@@ -40,10 +40,6 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
-
-
-class ListenError(SSERelayError):
-    """The address could not be listened on (in use, not local, not resolvable)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +83,9 @@ def bound_address(sock: socket.socket) -> Address:
 
 
 class _HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus an ASGI extension `sserelay.abort`
-    whose `abort()` closes the connection at once with a reset.
+    """uvicorn's httptools protocol, plus two ASGI extensions: `sserelay.abort`, whose
+    `abort()` closes the connection at once with a reset, and `sserelay.connection`, whose
+    `open()` says whether the connection still takes what is sent.
 
     A client that stops reading leaves a write waiting on a full socket; a
     plain close would wait for that data to drain, forever. The hub's
@@ -97,6 +94,14 @@ class _HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {"sserelay.abort": {"abort": self._abort}}
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        # uvicorn's send() writes at once, or drops the write if the connection is gone:
+        # asked right after a send, `open()` says which, with no turn of the event loop
+        # (the sink would otherwise yield once per flush to learn of a disconnect).
+        cycle = self.cycle
+        self.scope["extensions"]["sserelay.connection"] = {"open": lambda: not cycle.disconnected}
 
     def _abort(self) -> None:
         sock = self.transport.get_extra_info("socket")
@@ -120,13 +125,14 @@ async def serve_app(
     sock: socket.socket,
     *,
     finished: asyncio.Event,
-    on_signal: Callable[[int], None],
+    on_signal: Callable[[int], None] | None,
     on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve `app` on `sock` until `finished` is set, then shut down promptly.
 
     SIGINT and SIGTERM call `on_signal`, which is expected to end the open
-    streams and set `finished`; a second signal stops at once. `on_ready` runs
+    streams and set `finished`; a second signal stops at once. With `on_signal`
+    None, the signals are left to whoever runs the event loop. `on_ready` runs
     once the signal handlers are in place, so a signal after it is never lost."""
     config = uvicorn.Config(
         app,
@@ -142,13 +148,16 @@ async def serve_app(
     loop = asyncio.get_running_loop()
     signals_seen: list[int] = []
 
+    signums = () if on_signal is None else (signal.SIGINT, signal.SIGTERM)
+
     def handle(signum: int) -> None:
         signals_seen.append(signum)
         if len(signals_seen) > 1:
             server.force_exit = True
+        assert on_signal is not None
         on_signal(signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in signums:
         loop.add_signal_handler(signum, handle, signum)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     ending = asyncio.create_task(finished.wait())
@@ -159,5 +168,5 @@ async def serve_app(
         await serving
     finally:
         ending.cancel()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in signums:
             loop.remove_signal_handler(signum)

@@ -1,67 +1,35 @@
-"""The HTTP face: a starlette app whose stream routes are raw ASGI endpoints.
+"""The `serve` endpoint: one hub, broadcast to every client that connects, and `/ui`.
 
-The stream endpoint bypasses starlette's Response classes on purpose: the
-per-event path is one ASGI `send` per ready batch, nothing more.
+The stream endpoint bypasses starlette's Response classes on purpose: the per-event path is
+one ASGI `send` per ready batch, nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
 import html
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from sserelay.errors import ClientDisconnected, SourceError
-from sserelay.http.asgi import ASGISink, healthz, peer, uncancel
+from sserelay.errors import ClientDisconnected, Interrupted, SourceError
+from sserelay.http.access import Access, Refusal
+from sserelay.http.asgi import ASGISink, abort_of, header, healthz, query_value, send_response
+from sserelay.http.endpoint import SHUTDOWN_GRACE, Endpoint, Outcome
+from sserelay.metering.bill import ClientBill
 from sserelay.metering.meter import ClientMeter, Meter
+from sserelay.metering.reason import Reason
 from sserelay.streaming.hub import Hub, Listener
 from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 
-#: How long an interrupted stream waits for a client to take its terminating chunk.
-END_TIMEOUT = 2.0
 
-
-@dataclass(frozen=True, slots=True)
-class Access:
-    """Who may open the stream. `token`: clients must send `Authorization:
-    Bearer TOKEN` or `?token=TOKEN` (else 401); `max_clients`: more at once get
-    503; `cors_origin`: the `Access-Control-Allow-Origin` of stream responses."""
-
-    token: str | None = None
-    max_clients: int | None = None
-    cors_origin: str | None = None
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
-def _query(scope: Scope, name: str) -> str | None:
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
-    return values[-1] if values else None
-
-
-def _abort(scope: Scope) -> Callable[[], None] | None:
-    """The connection's hard close, where the server offers it (see server.py)."""
-    abort = scope.get("extensions", {}).get("sserelay.abort", {}).get("abort")
-    return abort if callable(abort) else None
-
-
-class StreamSession:
+class StreamSession(Endpoint):
     """One run of `serve`: one hub, served to every client that connects.
 
     The run ends (`finished` is set, with `reason`) when the stream has ended
@@ -80,171 +48,121 @@ class StreamSession:
         keep: bool = False,
         access: Access | None = None,
     ) -> None:
+        super().__init__(meter, access=access)
         self.hub = hub
-        self.meter = meter
         self.heartbeat = heartbeat
         self.keep = keep
-        self.access = access = access or Access()
-        self.reason: str | None = None
-        self.error: str | None = None
-        self.finished = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._interrupting = False
-        self._cors: list[tuple[bytes, bytes]] = (
-            [(b"access-control-allow-origin", access.cors_origin.encode("latin-1"))]
-            if access.cors_origin
-            else []
-        )
-        self._headers = [*SSE_HEADERS, *self._cors]
+        self._headers = [*SSE_HEADERS, *self.access.cors_headers]
 
-    def interrupt(self) -> None:
-        """Ctrl-C or SIGTERM: end every open stream cleanly and finish the run."""
-        self._interrupting = True
+    def _interrupted(self) -> None:
         self.hub.stop()
-        for task in self._tasks:
-            task.cancel()
-        if not self._tasks:
-            self._finish("interrupted")
 
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.error = error
+    def _finish(self, reason: Reason, error: str | None = None) -> None:
         self.meter.invalid_utf8_bytes = self.hub.source.invalid_utf8_bytes
-        self.finished.set()
+        super()._finish(reason, error)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "OPTIONS":  # a CORS preflight (fetch() with a header)
+            headers = self.access.preflight_headers("GET")
+            await send_response(send, 204, b"", b"text/plain", headers)
+            return
         refusal = self._refusal(scope)
         if refusal is not None:
-            await refusal(scope, receive, send)
+            await self.refuse(send, refusal, None)
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        client = self.meter.open_client(peer(scope))
-        cut = self._cut_off(task, _abort(scope))
-        last_event_id = _header(scope, b"last-event-id") or _query(scope, "last_event_id")
-        listener = self.hub.join(last_event_id, on_cut=cut)
-        try:
-            reason, error = await self._serve(ASGISink(receive, send), client, listener)
-        finally:
-            await listener.aclose()
-            self._tasks.discard(task)
-        client.close(reason)
-        self._left(reason, error)
-
-    def _refusal(self, scope: Scope) -> Response | None:
-        """The answer for a client that does not get the stream, if it does not."""
-        if scope["method"] == "OPTIONS":  # a CORS preflight (fetch() with a header)
-            return Response(status_code=204, headers=self._preflight_headers())
-        cors = {k.decode(): v.decode("latin-1") for k, v in self._cors}
-        if scope["method"] == "HEAD":  # the headers a GET would get; no stream, no client
-            headers = {k.decode(): v.decode() for k, v in SSE_HEADERS}
-            return Response(status_code=200, headers={**headers, **cors})
-        if not self._authorized(scope):
-            return PlainTextResponse(
-                "sserelay: unauthorized: send Authorization: Bearer TOKEN or ?token=TOKEN\n",
-                status_code=401,
-                headers={**cors, "WWW-Authenticate": "Bearer"},
-            )
-        if self.finished.is_set():
-            return PlainTextResponse(
-                "sserelay: the stream is over\n", status_code=503, headers=cors
-            )
-        limit = self.access.max_clients
-        if limit is not None and len(self._tasks) >= limit:
-            return PlainTextResponse(
-                f"sserelay: too many clients (at most {limit})\n", status_code=503, headers=cors
-            )
-        last_event_id = _header(scope, b"last-event-id") or _query(scope, "last_event_id")
+        last_event_id = header(scope, b"last-event-id") or query_value(scope, "last_event_id")
         if self.hub.has_everything(last_event_id):
             # WHATWG HTML §9.2.3: a 204 tells an EventSource not to reconnect.
-            return Response(status_code=204, headers=cors)
-        return None
+            await send_response(send, 204, b"", b"text/plain", self.access.cors_headers)
+            return
+        if scope["method"] == "HEAD":  # the headers a GET would get; no stream, no client
+            await send_response(send, 200, b"", b"text/event-stream", self._headers[1:])
+            return
+        await self.serve_client(
+            scope,
+            lambda client: self._serve(scope, receive, send, client, last_event_id),
+            unforeseen=(Reason.INPUT_ERROR, "the stream failed unexpectedly"),
+        )
 
-    def _preflight_headers(self) -> dict[str, str]:
-        if not self.access.cors_origin:
-            return {"Allow": "GET, OPTIONS"}
-        return {
-            "Access-Control-Allow-Origin": self.access.cors_origin,
-            "Access-Control-Allow-Methods": "GET",
-            "Access-Control-Allow-Headers": "Authorization, Last-Event-ID, Cache-Control",
-            "Access-Control-Max-Age": "600",
-        }
-
-    def _authorized(self, scope: Scope) -> bool:
-        token = self.access.token
-        if token is None:
-            return True
-        given = _query(scope, "token")
-        header = _header(scope, b"authorization")
-        if header is not None:
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() == "bearer":
-                given = value.strip()
-        # Compared in constant time: the token is a secret.
-        return given is not None and hmac.compare_digest(given.encode(), token.encode())
-
-    def _cut_off(
-        self, task: asyncio.Task[Any], abort: Callable[[], None] | None
-    ) -> Callable[[], None]:
-        # A slow client's writes are stuck behind a full socket: closing the
-        # connection hard (RST) ends them and frees the buffers at once.
-        if abort is not None:
-            return abort
-
-        def cancel() -> None:
-            task.cancel()
-
-        return cancel
+    def _refusal(self, scope: Scope) -> Refusal | None:
+        if self.finished.is_set() and not self.stopping:
+            return Refusal(503, None, "the stream is over")
+        return self.refusal(scope)
 
     async def _serve(
-        self, sink: ASGISink, client: ClientMeter, listener: Listener
-    ) -> tuple[str, str | None]:
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        client: ClientMeter,
+        last_event_id: str | None,
+    ) -> Outcome:
+        abort = abort_of(scope)
+        # A slow client's writes are stuck behind a full socket: closing the connection
+        # hard (RST) ends them and frees the buffers at once. Without that extension (a
+        # foreign server), a cut client ends at its next read.
+        listener = self.hub.join(last_event_id, on_cut=abort or (lambda: None))
+        sink = ASGISink(receive, send, scope)
+        try:
+            return await self._relay(sink, client, listener, abort)
+        finally:
+            await listener.aclose()
+
+    async def _relay(
+        self,
+        sink: ASGISink,
+        client: ClientMeter,
+        listener: Listener,
+        abort: Callable[[], None] | None,
+    ) -> Outcome:
         try:
             await relay_frames(
-                sink, listener, client=client, heartbeat=self.heartbeat, headers=self._headers
+                sink,
+                listener,
+                client=client,
+                heartbeat=self.heartbeat,
+                headers=self._headers,
+                stop=self.stop,
             )
         except ClientDisconnected:
-            return ("slow_client" if listener.cut else "client_disconnected"), None
+            return (Reason.SLOW_CLIENT if listener.cut else Reason.CLIENT_DISCONNECTED), None
         except SourceError as exc:
             await sink.end()
-            return "input_error", str(exc)
-        except asyncio.CancelledError:
-            if not (self._interrupting or listener.cut):
-                raise
-            uncancel()
-            if listener.cut:
-                return "slow_client", None
-            await self._end_now(sink)
-            return "interrupted", None
+            return Reason.INPUT_ERROR, str(exc)
+        except Interrupted:
+            await _end_now(sink, abort)
+            return Reason.INTERRUPTED, None
         if listener.cut:
-            return "slow_client", None
+            return Reason.SLOW_CLIENT, None
         await sink.end()
-        return "complete", None
+        return Reason.COMPLETE, None
 
-    @staticmethod
-    async def _end_now(sink: ASGISink) -> None:
-        # Interrupted: a client that does not read must not hold up the exit.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(END_TIMEOUT):
-                await sink.end()
-
-    def _left(self, reason: str, error: str | None) -> None:
+    def _ended(self, bill: ClientBill) -> None:
         """A client is done: does the run end with it?"""
-        if self._tasks:
+        if self.open:
             return
-        if self._interrupting:
-            self._finish("interrupted")
+        if self.stopping:
+            self._finish(Reason.INTERRUPTED)
         elif self.hub.error is not None:
-            self._finish("input_error", self.hub.error)
+            self._finish(Reason.INPUT_ERROR, self.hub.error)
         elif self.keep:
             return
         elif self.hub.ended:
-            self._finish("complete")
+            self._finish(Reason.COMPLETE)
         else:  # abandoned before the end: stop reading the source
             self.hub.stop()
-            self._finish(reason, error)
+            self._finish(bill.reason, bill.error)
+
+
+async def _end_now(sink: ASGISink, abort: Callable[[], None] | None) -> None:
+    """End an interrupted stream; a client that does not read must not hold up the exit:
+    after SHUTDOWN_GRACE its connection is reset."""
+    try:
+        async with asyncio.timeout(SHUTDOWN_GRACE):
+            await sink.end()
+    except TimeoutError:
+        if abort is not None:
+            abort()
 
 
 def ui_page(**settings: str) -> str:

@@ -1,28 +1,44 @@
-"""Running tallies of what was written to each client, and the immutable Bill.
+"""Running tallies of what was written to each client, and the observer hook (pure).
 
-A Meter holds one ClientMeter per client. The streaming layer records each
-write after it has been handed to the client's connection, never before, so a
-bill always equals what was actually written, however the stream ends.
+A Meter holds one ClientMeter per client. The streaming layer records each write after the
+client's connection has accepted it, never before, so a bill always equals what was actually
+written, however the stream ends.
+
+**One observer hook.** Everything that wants to know what is billed — receipts, the live
+view, the bill, the ledger, metrics, budgets — subscribes a `MeterObserver` to the Meter:
+it hears of each client as it opens, of each write (only observers that override `wrote`
+are called, so the per-event path pays nothing for the others), and of each client's
+`ClientBill` as `Meter.close()` closes it. Nothing is called from the per-event path by name.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import replace
 
-#: Why a stream (or a whole run) ended; the bill's `reason`.
-REASONS = (
-    "complete",
-    "client_disconnected",
-    "interrupted",
-    "upstream_error",
-    "input_error",
-    "slow_client",
-)
+from sserelay.metering.bill import Bill, ClientBill, RequestFacts, Totals
+from sserelay.metering.pricing import Pricing
+from sserelay.metering.reason import REASONS, Reason
+from sserelay.metering.usage import Usage, sum_usage
 
 Clock = Callable[[], float]
+#: Called with each write a client's connection accepted: (client, events, tokens, bytes).
+OnWrite = Callable[["ClientMeter", int, int, int], None]
+
+
+class MeterObserver:
+    """Hears what the meter bills. Override the hooks you need; the others cost nothing."""
+
+    def opened(self, client: ClientMeter) -> None:
+        """A client (a stream, a request) has started."""
+
+    def wrote(self, client: ClientMeter, events: int, tokens: int, nbytes: int) -> None:
+        """A write reached the client's connection (called on the per-event path: keep it
+        to a few additions)."""
+
+    def closed(self, bill: ClientBill) -> None:
+        """A client has ended; `bill` is its final account."""
 
 
 class ClientMeter:
@@ -30,42 +46,45 @@ class ClientMeter:
 
     __slots__ = (
         "_clock",
+        "_on_write",
         "bytes",
         "closed_at",
+        "error",
         "events",
         "first_event_at",
         "id",
-        "method",
-        "model",
         "opened_at",
-        "path",
         "peer",
-        "prices",
         "reason",
+        "request",
         "tokens",
-        "upstream_status",
         "upstream_usage",
     )
 
-    def __init__(self, client_id: int, peer: str, clock: Clock) -> None:
+    def __init__(
+        self,
+        client_id: int,
+        peer: str,
+        clock: Clock,
+        request: RequestFacts | None = None,
+        on_write: tuple[OnWrite, ...] = (),
+    ) -> None:
         self._clock = clock
+        self._on_write = on_write
         self.id = client_id
         self.peer = peer
         self.tokens = 0
         self.events = 0
         self.bytes = 0
-        self.reason: str | None = None
+        self.reason: Reason | None = None
+        self.error: str | None = None
         self.opened_at = clock()
         self.first_event_at: float | None = None
         self.closed_at: float | None = None
-        # A proxied request (`sserelay proxy`) also says what it was and what the upstream said.
-        self.method: str | None = None
-        self.path: str | None = None
-        self.model: str | None = None
-        self.upstream_status: int | None = None
-        self.upstream_usage: dict[str, int | None] | None = None
-        #: (input, output) price per 1M tokens for this request's model; else the run's --price.
-        self.prices: tuple[float, float] | None = None
+        #: What a request was (`serve --as`, `proxy`); None for a `serve` client.
+        self.request = request
+        #: What the upstream reported for this request, if anything.
+        self.upstream_usage: Usage | None = None
 
     def record(self, events: int, tokens: int, nbytes: int) -> None:
         """Count a write that the client's connection has accepted."""
@@ -74,207 +93,116 @@ class ClientMeter:
         self.events += events
         self.tokens += tokens
         self.bytes += nbytes
+        if self._on_write:
+            for notify in self._on_write:
+                notify(self, events, tokens, nbytes)
 
-    def close(self, reason: str) -> None:
-        """End this client's tally; the first reason given wins."""
-        if self.reason is None:
-            self.reason = reason
-            self.closed_at = self._clock()
+    def close(self, reason: str, error: str | None = None) -> bool:
+        """End this client's tally; the first reason given wins (True if this one did).
+        `Meter.close()` is the way to close a client and tell the observers."""
+        if self.reason is not None:
+            return False
+        self.reason = Reason(reason)
+        self.error = error
+        self.closed_at = self._clock()
+        return True
 
     @property
     def active(self) -> bool:
         return self.reason is None
 
-    def cost(self, price_per_million: float | None) -> float | None:
-        """With model prices: the reported input tokens at the input price plus the metered
-        tokens at the output price. Otherwise the metered tokens at `price_per_million`."""
-        if self.prices is None:
-            return cost_of(self.tokens, price_per_million)
-        input_price, output_price = self.prices
-        prompt = (self.upstream_usage or {}).get("input_tokens") or 0
-        return round((prompt * input_price + self.tokens * output_price) / 1_000_000, 10)
+    @property
+    def model(self) -> str | None:
+        return None if self.request is None else self.request.model
 
-    def bill(self, now: float, price_per_million: float | None = None) -> ClientBill:
+    def update_request(self, *, model: str | None = None, status: int | None = None) -> None:
+        """Say which model answered, or the upstream's status (a request's only)."""
+        if self.request is None:
+            return
+        if model is not None and model != self.request.model:
+            self.request = replace(self.request, model=model)
+        if status is not None:
+            self.request = replace(self.request, status=status)
+
+    def bill(self, now: float, pricing: Pricing | None = None) -> ClientBill:
         end = self.closed_at if self.closed_at is not None else now
+        cost = (pricing or Pricing()).cost(self.tokens, self.upstream_usage, self.model)
         return ClientBill(
             id=self.id,
             peer=self.peer,
             tokens=self.tokens,
             events=self.events,
             bytes=self.bytes,
-            reason=self.reason or "interrupted",
+            reason=self.reason or Reason.INTERRUPTED,
             duration_s=round(end - self.opened_at, 6),
             time_to_first_event_s=(
                 None
                 if self.first_event_at is None
                 else round(self.first_event_at - self.opened_at, 6)
             ),
-            method=self.method,
-            path=self.path,
-            model=self.model,
-            upstream_status=self.upstream_status,
+            request=self.request,
             upstream_usage=self.upstream_usage,
-            cost=self.cost(price_per_million),
+            cost=cost,
+            error=self.error,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class ClientBill:
-    """One client's share of the bill."""
-
-    id: int
-    peer: str
-    tokens: int
-    events: int
-    bytes: int
-    reason: str
-    duration_s: float
-    time_to_first_event_s: float | None
-    # Set for a proxied request only (see ClientMeter).
-    method: str | None = None
-    path: str | None = None
-    model: str | None = None
-    upstream_status: int | None = None
-    upstream_usage: dict[str, int | None] | None = None
-    cost: float | None = None
-
-    @property
-    def partial(self) -> bool:
-        """The client got less than the whole stream."""
-        return self.reason != "complete"
-
-
-@dataclass(frozen=True, slots=True)
-class Totals:
-    """A live snapshot for the counter display."""
-
-    tokens: int
-    events: int
-    bytes: int
-    elapsed_s: float
-    active_clients: int
-    clients: int
-    cost: float | None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-def cost_of(tokens: int, price_per_million: float | None) -> float | None:
-    """Cost of `tokens` at `price_per_million` (currency per 1M tokens), or None."""
-    if price_per_million is None:
-        return None
-    return round(tokens * price_per_million / 1_000_000, 10)
-
-
-@dataclass(frozen=True, slots=True)
-class Bill:
-    """The final account of a run. Totals are sums over `clients`."""
-
-    reason: str
-    tokens: int
-    events: int
-    bytes: int
-    duration_s: float
-    time_to_first_event_s: float | None
-    tokenizer: str
-    price_per_million: float | None
-    cost: float | None
-    clients: tuple[ClientBill, ...]
-    invalid_utf8_bytes: int = 0
-    upstream_usage: dict[str, Any] | None = field(default=None)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return round(self.tokens / self.duration_s, 3) if self.duration_s > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The bill as JSON-ready data; keys are the documented contract."""
-        out: dict[str, Any] = {
-            "reason": self.reason,
-            "tokens": self.tokens,
-            "events": self.events,
-            "bytes": self.bytes,
-            "duration_s": self.duration_s,
-            "time_to_first_event_s": self.time_to_first_event_s,
-            "tokens_per_s": self.tokens_per_s,
-            "tokenizer": self.tokenizer,
-            "price_per_million": self.price_per_million,
-            "cost": self.cost,
-            "invalid_utf8_bytes": self.invalid_utf8_bytes,
-            "clients": [_client_dict(c) for c in self.clients],
-        }
-        if self.upstream_usage is not None:
-            out["upstream_usage"] = self.upstream_usage
-        return out
-
-
-def _client_dict(c: ClientBill) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": c.id,
-        "peer": c.peer,
-        "tokens": c.tokens,
-        "events": c.events,
-        "bytes": c.bytes,
-        "reason": c.reason,
-        "duration_s": c.duration_s,
-        "time_to_first_event_s": c.time_to_first_event_s,
-    }
-    if c.method is not None:  # a proxied request
-        out.update(
-            method=c.method,
-            path=c.path,
-            model=c.model,
-            upstream_status=c.upstream_status,
-            upstream_usage=c.upstream_usage,
-            partial=c.partial,
-            cost=c.cost,
-        )
-    return out
-
-
-def sum_usage(reports: list[dict[str, int | None]]) -> dict[str, int | None] | None:
-    """Per-field sums of several requests' upstream usage; a field no request
-    reported stays None (not 0); None when there is no report at all."""
-    if not reports:
-        return None
-    keys = dict.fromkeys(key for report in reports for key in report)
-    out: dict[str, int | None] = {}
-    for key in keys:
-        values = [v for report in reports if (v := report.get(key)) is not None]
-        out[key] = sum(values) if values else None
-    return out
 
 
 class Meter:
-    """Tallies for every client of one run. `clock` is injected for tests."""
+    """Tallies for every client of one run, and the observers that hear of them.
+    `clock` is injected for tests."""
 
     def __init__(
         self,
         tokenizer: str = "whitespace",
         price_per_million: float | None = None,
         clock: Clock = time.monotonic,
+        *,
+        pricing: Pricing | None = None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.price_per_million = price_per_million
+        self.pricing = pricing if pricing is not None else Pricing(price_per_million)
         self._clock = clock
         self.started_at = clock()
         self.clients: list[ClientMeter] = []
         self.invalid_utf8_bytes = 0
-        self.upstream_usage: dict[str, Any] | None = None
+        self._observers: list[MeterObserver] = []
+        self._on_write: tuple[OnWrite, ...] = ()
 
-    def open_client(self, peer: str = "") -> ClientMeter:
-        client = ClientMeter(len(self.clients) + 1, peer, self._clock)
+    @property
+    def price_per_million(self) -> float | None:
+        return self.pricing.per_million
+
+    def now(self) -> float:
+        """The meter's clock."""
+        return self._clock()
+
+    def subscribe(self, observer: MeterObserver) -> None:
+        """Tell `observer` of every client opened, write recorded and client closed from now on."""
+        self._observers.append(observer)
+        if type(observer).wrote is not MeterObserver.wrote:
+            self._on_write = (*self._on_write, observer.wrote)
+
+    def open_client(self, peer: str = "", request: RequestFacts | None = None) -> ClientMeter:
+        client = ClientMeter(len(self.clients) + 1, peer, self._clock, request, self._on_write)
         self.clients.append(client)
+        for observer in self._observers:
+            observer.opened(client)
         return client
 
-    def _cost(self, tokens: int) -> float | None:
-        # With per-model prices (proxy --prices) the cost is the sum of each request's.
-        if not any(c.prices is not None for c in self.clients):
-            return cost_of(tokens, self.price_per_million)
-        costs = [c.cost(self.price_per_million) for c in self.clients]
-        return round(sum(cost for cost in costs if cost is not None), 10)
+    def close(self, client: ClientMeter, reason: str, error: str | None = None) -> ClientBill:
+        """Close `client` with `reason` (the first reason wins) and tell the observers, once."""
+        first = client.close(reason, error)
+        bill = client.bill(self._clock(), self.pricing)
+        if first:
+            for observer in self._observers:
+                observer.closed(bill)
+        return bill
+
+    def _cost(self, tokens: int, clients: list[ClientMeter]) -> float | None:
+        return self.pricing.total(
+            tokens,
+            ((self.pricing.cost(c.tokens, c.upstream_usage, c.model), c.model) for c in clients),
+        )
 
     def totals(self) -> Totals:
         tokens = sum(c.tokens for c in self.clients)
@@ -285,7 +213,7 @@ class Meter:
             elapsed_s=self._clock() - self.started_at,
             active_clients=sum(1 for c in self.clients if c.active),
             clients=len(self.clients),
-            cost=self._cost(tokens),
+            cost=self._cost(tokens, self.clients),
         )
 
     def bill(self, reason: str) -> Bill:
@@ -293,13 +221,11 @@ class Meter:
         if reason not in REASONS:
             raise ValueError(f"unknown bill reason {reason!r}")
         now = self._clock()
-        for client in self.clients:
-            client.close(reason)
-        clients = tuple(c.bill(now, self.price_per_million) for c in self.clients)
+        clients = tuple(self.close(client, reason) for client in self.clients)
         tokens = sum(c.tokens for c in clients)
         firsts = [c.time_to_first_event_s for c in clients if c.time_to_first_event_s is not None]
         return Bill(
-            reason=reason,
+            reason=Reason(reason),
             tokens=tokens,
             events=sum(c.events for c in clients),
             bytes=sum(c.bytes for c in clients),
@@ -307,12 +233,10 @@ class Meter:
             time_to_first_event_s=min(firsts) if firsts else None,
             tokenizer=self.tokenizer,
             price_per_million=self.price_per_million,
-            cost=self._cost(tokens),
+            cost=self._cost(tokens, self.clients),
             clients=clients,
             invalid_utf8_bytes=self.invalid_utf8_bytes,
-            upstream_usage=(
-                self.upstream_usage
-                if self.upstream_usage is not None
-                else sum_usage([c.upstream_usage for c in clients if c.upstream_usage is not None])
+            upstream_usage=sum_usage(
+                c.upstream_usage for c in clients if c.upstream_usage is not None
             ),
         )

@@ -1,4 +1,7 @@
-"""Per-model prices for the proxy's bill, read from a TOML price list (`--prices FILE`).
+"""What tokens cost: the one place a cost is computed (pure).
+
+`Pricing` holds the run's flat `--price` (currency per 1M tokens) and the per-model prices of a
+TOML price list (`--prices FILE`).
 
 The file maps a model name to its input and output price, in currency per 1M tokens:
 
@@ -16,11 +19,16 @@ it starts with), since providers answer with dated snapshots of the model that w
 
 from __future__ import annotations
 
+import math
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sserelay.errors import ConfigError
+from sserelay.metering.usage import Usage
 
-class PriceListError(ValueError):
+
+class PriceListError(ConfigError):
     """The price list is not valid TOML of the documented shape."""
 
 
@@ -55,6 +63,8 @@ class PriceList:
                 value = entry.get(side, 0.0)
                 if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                     raise PriceListError(f"[{model}] {side} must be a number >= 0")
+                if not math.isfinite(value):
+                    raise PriceListError(f"[{model}] {side} must be a finite number")
                 values.append(float(value))
             unknown = set(entry) - {"input", "output"}
             if unknown:
@@ -70,3 +80,45 @@ class PriceList:
             return self.prices[model]
         prefixes = [name for name in self.prices if model.startswith(name)]
         return self.prices[max(prefixes, key=len)] if prefixes else None
+
+
+def cost_of(tokens: int, price_per_million: float | None) -> float | None:
+    """Cost of `tokens` at `price_per_million` (currency per 1M tokens), or None."""
+    if price_per_million is None:
+        return None
+    return round(tokens * price_per_million / 1_000_000, 10)
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """The run's prices: a flat `per_million` for every token, and `models` (a price list)
+    for requests whose model it lists."""
+
+    per_million: float | None = None
+    models: PriceList | None = None
+
+    def model_price(self, model: str | None) -> ModelPrice | None:
+        return None if self.models is None else self.models.for_model(model)
+
+    def cost(
+        self, tokens: int, usage: Usage | None = None, model: str | None = None
+    ) -> float | None:
+        """One request's cost. With its model's price: the reported input tokens at the input
+        price plus the metered tokens at the output price. Otherwise the metered tokens at the
+        flat price (None without one)."""
+        price = self.model_price(model)
+        if price is None:
+            return cost_of(tokens, self.per_million)
+        prompt = (usage.input_tokens if usage is not None else None) or 0
+        return round((prompt * price.input + tokens * price.output) / 1_000_000, 10)
+
+    def total(
+        self, tokens: int, requests: Iterable[tuple[float | None, str | None]]
+    ) -> float | None:
+        """A run's cost, from its `tokens` and each request's (cost, model): the sum of the
+        requests' costs once any of them was priced by its model, else `tokens` at the flat
+        price."""
+        requests = list(requests)
+        if not any(self.model_price(model) is not None for _, model in requests):
+            return cost_of(tokens, self.per_million)
+        return round(sum(cost for cost, _ in requests if cost is not None), 10)

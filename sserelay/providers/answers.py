@@ -361,13 +361,6 @@ def new_answer(provider: str, request: MockRequest, token: str, created: int) ->
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def error_body(provider: str, message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
-    """An error answer in the provider's shape (the SDKs read the message from it)."""
-    if provider == "anthropic":
-        return {"type": "error", "error": {"type": kind, "message": message}}
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-
-
 def models_list(provider: str, model: str = DEFAULT_MODEL, created: int = 0) -> dict[str, Any]:
     """`GET /v1/models`: the one model the mock serves."""
     if provider == "anthropic":

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sserelay.metering.usage import Usage
+
 PAYLOAD_KINDS: tuple[str, ...] = (
     "auto",
     "openai",
@@ -37,35 +39,6 @@ PAYLOAD_KINDS: tuple[str, ...] = (
 
 # OpenAI's end-of-stream sentinel: `data: [DONE]`, the one payload that is not JSON.
 _DONE = "[DONE]"
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts as the upstream reported them. `None` means "not reported", which is not
-    0: a gateway that turns a missing count into 0 (or a reported 0 into an estimate) bills
-    wrong. Counts are taken verbatim, e.g. Anthropic's `input_tokens` excludes cache reads."""
-
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    total_tokens: int | None = None
-
-    def to_dict(self) -> dict[str, int | None]:
-        return {
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "total_tokens": self.total_tokens,
-        }
-
-    def merged(self, later: Usage) -> Usage:
-        """`later`'s counts, field by field; a field `later` does not report keeps this one's.
-
-        Every provider here reports running totals, so the last report wins and nothing is
-        summed (Anthropic: input from `message_start`, output from the last `message_delta`)."""
-        return Usage(
-            self.input_tokens if later.input_tokens is None else later.input_tokens,
-            self.output_tokens if later.output_tokens is None else later.output_tokens,
-            self.total_tokens if later.total_tokens is None else later.total_tokens,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +349,45 @@ class PayloadMeter:
             return Delta(text=data)
         self.kind = found
         return _PARSERS[found](obj, event)
+
+
+def _texts(items: object, kind: str) -> list[str]:
+    """The `text` of each part of `items` whose type is `kind`."""
+    return [_str(item.get("text")) for item in _dicts(items) if item.get("type") == kind]
+
+
+def whole_answer(answer: dict[str, Any]) -> Delta | None:
+    """The text, usage and model of a non-streaming answer of OpenAI Chat Completions
+    (`choices[].message`), OpenAI Responses (`object: response`) or Anthropic Messages
+    (`type: message`); None for any other shape (Ollama's and Gemini's whole answers have
+    the shape of their stream payloads: read them with `PayloadMeter`)."""
+    model = _model(answer.get("model"))
+    choices = _dicts(answer.get("choices"))
+    messages = [c["message"] for c in choices if isinstance(c.get("message"), dict)]
+    if messages:
+        text = "".join(_str(message.get("content")) for message in messages)
+        usage = _usage(answer.get("usage"), "prompt_tokens", "completion_tokens", "total_tokens")
+        return Delta(text, usage, model)
+    if answer.get("object") == "response":
+        parts: list[str] = []
+        for output in _dicts(answer.get("output")):
+            if output.get("type") == "message":
+                parts += _texts(output.get("content"), "output_text")
+        usage = _usage(answer.get("usage"), "input_tokens", "output_tokens", "total_tokens")
+        return Delta("".join(parts), usage, model)
+    if answer.get("type") == "message" and isinstance(answer.get("content"), list):
+        text = "".join(_texts(answer.get("content"), "text"))
+        usage = _usage(answer.get("usage"), "input_tokens", "output_tokens", "total_tokens")
+        return Delta(text, usage, model)
+    return None
+
+
+def is_usage_chunk(delta: Delta, data: str) -> bool:
+    """Whether a payload is OpenAI's `include_usage` chunk: usage, and an empty `choices`."""
+    if delta.usage is None or delta.text:
+        return False
+    obj = _load(data)
+    return isinstance(obj, dict) and obj.get("choices") == []
 
 
 def openai_chunk(

@@ -28,7 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sserelay.wire.sse import Event, encode_event
+from sserelay.errors import RecordingError
+from sserelay.wire.sse import BlockParser, Event, encode_event
 
 #: The version this module writes and reads.
 VERSION = 1
@@ -133,35 +134,11 @@ def _line(record: dict[str, Any]) -> str:
 
 
 def split_blocks(t: float, payload: bytes) -> list[Block]:
-    """The SSE blocks of one write, as `sserelay` writes them (`name: value`
-    lines, comments first, each block ended by a blank line)."""
-    blocks = []
-    for raw in payload.decode("utf-8", errors="replace").split("\n\n")[:-1]:
-        comments: list[str] = []
-        data: list[str] = []
-        fields: dict[str, str] = {}
-        for line in raw.split("\n"):
-            if line.startswith(":"):
-                comments.append(line)
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "data":
-                data.append(value)
-            else:
-                fields[name] = value
-        retry = fields.get("retry")
-        blocks.append(
-            Block(
-                t,
-                "\n".join(data) if data else None,
-                fields.get("event"),
-                fields.get("id"),
-                int(retry) if retry is not None else None,
-                tuple(comments),
-            )
-        )
-    return blocks
+    """The SSE blocks of one write (whole blocks, as sserelay writes them), comments kept."""
+    return [
+        Block(t, block.data, block.event, block.id, block.retry, block.comments)
+        for block in BlockParser(keep_comments=True).decode(payload)
+    ]
 
 
 def record_lines(t: float, payload: bytes, *, sse: bool) -> str:
@@ -169,10 +146,6 @@ def record_lines(t: float, payload: bytes, *, sse: bool) -> str:
     if sse:
         return "".join(block.line() for block in split_blocks(t, payload))
     return Chunk(t, payload).line()
-
-
-class RecordingError(ValueError):
-    """Not a recording this version can read; the message names the line."""
 
 
 def _text(value: object, where: str, *, nullable: bool = True) -> str | None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from sserelay.record.format import Header, record_lines
+from sserelay.secrecy import Redactor
 
 
 class Recorder:
@@ -21,8 +22,15 @@ class Recorder:
     A write that fails (a full disk) stops the recording, never the relay:
     `error` then says why."""
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: str,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        redactor: Redactor | None = None,
+    ) -> None:
         self.path = path
+        self._redactor = redactor or Redactor()
         self._clock = clock
         self._file = open(path, "wb", buffering=0)  # closed by close()
         self._started_at = 0.0
@@ -57,7 +65,8 @@ class Recorder:
         if self.error is not None or self._file.closed:
             return
         try:
-            self._file.write(text.encode())
+            # A credential echoed in an answer is never written to disk.
+            self._file.write(self._redactor.redact(text).encode())
         except OSError as exc:
             self.error = f"cannot write the recording {self.path}: {exc.strerror or exc}"
 

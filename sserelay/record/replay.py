@@ -15,14 +15,14 @@ Two views of the same recording:
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import AsyncIterator
 
-from sserelay.errors import SourceError
+from sserelay.errors import RecordingError, SourceError
+from sserelay.metering.tokens import Tokenizer
 from sserelay.providers.payloads import PayloadMeter
-from sserelay.record.format import Block, Recording, RecordingError, is_recording, read_recording
+from sserelay.record.format import Block, Recording, is_recording, read_recording
 from sserelay.sources.text import TimedBatch
-from sserelay.wire.chunking import LineSplitter
+from sserelay.wire.chunking import LineSplitter, Utf8Stream
 
 #: A recording is read whole at the start; a bigger file is refused rather than half-read.
 MAX_RECORDING_BYTES = 256 * 1024 * 1024
@@ -92,7 +92,7 @@ class RecordingSource:
         # character cut in two by a write is whole.
         kind = self.recording.header.content_type
         plain = kind.startswith("text/") and not self.recording.header.sse
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8 = Utf8Stream()
         out = []
         for part in self.recording.parts:
             if isinstance(part, Block):
@@ -108,7 +108,7 @@ class RecordingSource:
                 out.append(TimedBatch(part.t, texts))
         # A last line with no line end is whole once the body ends: it goes with the last write.
         rest = [text for line in lines.flush() if (text := payload.feed(line).text)]
-        if plain and (text := utf8.decode(b"", final=True)):
+        if plain and (text := utf8.flush()):
             rest.append(text)
         if rest:
             at = self.recording.parts[-1].t
@@ -146,3 +146,19 @@ class ReplayText:
         if self._lines is None:
             return ""
         return "".join(self.payload.feed(line).text for line in self._lines.flush())
+
+
+class ReplayCount:
+    """Tokens of replayed events, counted over the joined text inside their payloads (as
+    the proxy metered them, and /ui counts them). `flush()` at the end of the stream
+    counts a last NDJSON line with no line end."""
+
+    def __init__(self, tokenizer: Tokenizer, payloads: str) -> None:
+        self._text = ReplayText(payloads)
+        self._counter = tokenizer.counter()
+
+    def feed(self, data: str) -> int:
+        return self._counter.feed(self._text.feed(data))
+
+    def flush(self) -> int:
+        return self._counter.feed(self._text.flush())

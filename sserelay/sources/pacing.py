@@ -1,4 +1,4 @@
-"""When each event goes out: `--rate`, `--delay` and `--realtime`, sans-IO.
+"""When each event goes out: `--rate`, `--delay` and `--realtime`.
 
 The Pacer only does arithmetic on times it is given; the hub sleeps. The first
 event goes out at once; each later one waits `delay` seconds plus the time its
@@ -7,9 +7,16 @@ own tokens take at `rate` tokens per second. Replaying a recording
 first its offset from the start of the recording. A pacer that falls
 behind its schedule (no client was listening, or the loop was busy) by more
 than `catch_up` seconds starts afresh from now instead of sending a burst.
+
+`paced()` is the one loop that applies a Pacer to a stream of batches (the hub's and the
+mock's).
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 
 
 class Pacer:
@@ -59,3 +66,33 @@ class Pacer:
             due = self._last_due + gap
         self._last_due = due
         return due
+
+
+#: A batch to pace: its chunks, each chunk's tokens, and its recorded offset (None if untimed).
+Counted = tuple[Sequence[str], Sequence[int], "float | None"]
+
+
+async def paced(
+    batches: AsyncIterable[Counted],
+    pacer: Pacer | None,
+    *,
+    ready: Callable[[], Awaitable[object]] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncIterator[tuple[Sequence[str], Sequence[int]]]:
+    """The chunks of `batches` with their tokens, as they may go out: each batch whole, at
+    once, without a pacer (or an inactive one); one chunk at a time, each when `pacer` says,
+    with one. `ready` is awaited before each paced chunk (the hub waits for a listener)."""
+    if pacer is not None and not pacer.active:
+        pacer = None
+    async for chunks, tokens, at in batches:
+        if pacer is None:
+            yield chunks, tokens
+            continue
+        for chunk, n in zip(chunks, tokens, strict=True):
+            if ready is not None:
+                await ready()
+            wait = pacer.next_time(n, at, clock()) - clock()
+            if wait > 0:
+                await sleep(wait)
+            yield [chunk], [n]

@@ -19,14 +19,14 @@ import bisect
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 from sserelay.errors import SourceError
-from sserelay.sources.pacing import Pacer
+from sserelay.sources.pacing import Counted, Pacer, paced
 from sserelay.sources.text import Source, TimedBatch
-from sserelay.streaming.stream import Frames
+from sserelay.wire.frames import Frames
 from sserelay.wire.sse import encode_batch
 
 #: Sent to a client whose starting point has already been dropped from the history.
@@ -319,6 +319,22 @@ class Hub:
         return min((listener.cursor for listener in self._listeners), default=self.log.head)
 
     async def _read(self) -> None:
+        batches = self._counted()
+        try:
+            async for chunks, tokens in paced(
+                batches, self._pacer, ready=self._demand.wait, clock=self._clock, sleep=self._sleep
+            ):
+                self._publish(chunks, tokens)
+            if self._count_end is not None:
+                self.end_tokens = self._count_end()
+            self._end(None)
+        except SourceError as exc:
+            self._end(str(exc))
+        finally:
+            await batches.aclose()
+
+    async def _counted(self) -> AsyncGenerator[Counted, None]:
+        """The source's batches with each chunk's tokens, read only while a listener waits."""
         batches = aiter(self.source.batches())
         try:
             while True:
@@ -326,27 +342,12 @@ class Hub:
                 try:
                     batch = await anext(batches)
                 except StopAsyncIteration:
-                    break
+                    return
                 at = None
                 if isinstance(batch, TimedBatch):
                     at, batch = batch.at, batch.chunks
-                if not batch:
-                    continue
-                tokens = [self._count(chunk) for chunk in batch]
-                if self._pacer is None:
-                    self._publish(batch, tokens)
-                    continue
-                for chunk, n in zip(batch, tokens, strict=True):
-                    await self._demand.wait()
-                    wait = self._pacer.next_time(n, at, self._clock()) - self._clock()
-                    if wait > 0:
-                        await self._sleep(wait)
-                    self._publish([chunk], [n])
-            if self._count_end is not None:
-                self.end_tokens = self._count_end()
-            self._end(None)
-        except SourceError as exc:
-            self._end(str(exc))
+                if batch:
+                    yield batch, [self._count(chunk) for chunk in batch], at
         finally:
             aclose = getattr(batches, "aclose", None)
             if aclose is not None:

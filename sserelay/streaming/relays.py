@@ -21,24 +21,18 @@ A relay never does I/O.
 
 from __future__ import annotations
 
-import codecs
 import json
-import re
 from typing import Any
 
 from sserelay.errors import UpstreamError
 from sserelay.metering.tokens import Tokenizer
-from sserelay.providers.payloads import Delta, PayloadMeter, Usage
-from sserelay.streaming.stream import Frames
-from sserelay.wire.chunking import LineSplitter
-from sserelay.wire.sse import Event, encode_event
+from sserelay.providers.payloads import Delta, PayloadMeter, is_usage_chunk, whole_answer
+from sserelay.wire.chunking import LineSplitter, Utf8Stream
+from sserelay.wire.frames import Frames
+from sserelay.wire.sse import Block, BlockParser, Event, encode_event
 
 #: Largest whole JSON answer read for metering; a bigger one passes through unmetered.
 MAX_METERED_BODY = 16 * 1024 * 1024
-
-# An SSE field name as servers write one (RFC 9110 token characters). WHATWG §9.2.6 would
-# ignore any other line; a gateway calls it what it is: the upstream is not speaking SSE.
-_FIELD_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 
 class EventRelay:
@@ -61,111 +55,59 @@ class EventRelay:
         self._tokens = _TextMeter(payload, tokenizer)
         self._keep_comments = keep_comments
         self._strip_usage = strip_usage
-        self._lines = LineSplitter()
-        self._first_line = True
+        self._blocks = BlockParser(keep_comments=keep_comments, strict=True)
         self.failure: UpstreamError | None = None
         self.stripped = 0
-        # The event being read: its fields and comments, until a blank line dispatches it.
-        self._data: list[str] = []
-        self._event: str | None = None
-        self._id: str | None = None
-        self._retry: int | None = None
-        self._comments: list[str] = []
 
     @property
     def invalid_utf8_bytes(self) -> int:
-        return self._lines.invalid_utf8_bytes
+        return self._blocks.invalid_utf8_bytes
 
     def decode(self, chunk: bytes) -> Frames:
         if self.failure is not None:
             return Frames(b"", 0, 0)
         parts: list[bytes] = []
         events = tokens = 0
-        for line in self._lines.decode(chunk):
-            if self._first_line:
-                self._first_line = False
-                line = line.removeprefix("\ufeff")  # §9.2.5: one leading BOM is ignored
-            if line:
-                if not self._field(line):
-                    break
-                continue
-            # §9.2.6: a blank line dispatches the event.
-            wire, dispatched, counted = self._dispatch()
+        for block in self._blocks.decode(chunk):
+            wire, dispatched, counted = self._dispatch(block)
             if wire:
                 parts.append(wire)
             events += dispatched
             tokens += counted
+        if self._blocks.failure is not None:
+            line = self._blocks.failure
+            shown = line if len(line) <= 60 else line[:57] + "..."
+            self.failure = UpstreamError(f"upstream sent a line that is not SSE: {shown!r}")
         return Frames(b"".join(parts), events, tokens)
 
     def flush(self) -> Frames:
         """End of body. An event left without its blank line is a broken stream
         (§9.2.6 would discard it silently; the bill says the upstream failed)."""
-        rest = [line for line in self._lines.flush() if line]
-        if self.failure is None and (rest or self._data):
+        self._blocks.flush()
+        if self.failure is None and self._blocks.unterminated:
             self.failure = UpstreamError("upstream SSE stream ended in the middle of an event")
         return Frames(b"", 0, 0)
 
-    def _field(self, line: str) -> bool:
-        """Take one non-blank line; False (and `failure` set) if it is not SSE."""
-        if line[0] == ":":  # a comment
-            if self._keep_comments:
-                self._comments.append(line)
-            return True
-        name, colon, value = line.partition(":")
-        if colon and value[:1] == " ":  # one leading space is stripped
-            value = value[1:]
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value or None
-        elif name == "id":
-            if "\0" not in value:  # an id with NUL is ignored
-                self._id = value
-        elif name == "retry":
-            if value.isascii() and value.isdigit() and len(value) <= 4000:
-                self._retry = int(value)
-        elif not _FIELD_NAME.fullmatch(name):
-            shown = line if len(line) <= 60 else line[:57] + "..."
-            self.failure = UpstreamError(f"upstream sent a line that is not SSE: {shown!r}")
-            return False
-        return True  # any other well-formed field is ignored, as a browser would
-
-    def _dispatch(self) -> tuple[bytes, int, int]:
-        """The wire form of the block just ended, the events (0 or 1) and tokens in it."""
-        data, event, event_id, retry = self._data, self._event, self._id, self._retry
-        comments = self._comments
-        self._data, self._event, self._id, self._retry = [], None, None, None
-        self._comments = []
-        head = "".join(f"{c}\n" for c in comments).encode() if comments else b""
-        if not data:
+    def _dispatch(self, block: Block) -> tuple[bytes, int, int]:
+        """The wire form of a block, the events (0 or 1) and tokens in it."""
+        head = "".join(f"{c}\n" for c in block.comments).encode() if block.comments else b""
+        if block.data is None:
             # No data: nothing is dispatched, but a client still takes the id and retry.
             fields = ""
-            if event_id is not None:
-                fields += f"id: {event_id}\n"
-            if retry is not None:
-                fields += f"retry: {retry}\n"
+            if block.id is not None:
+                fields += f"id: {block.id}\n"
+            if block.retry is not None:
+                fields += f"retry: {block.retry}\n"
             if not fields and not head:
                 return b"", 0, 0
             return head + fields.encode() + b"\n", 0, 0
-        text = "\n".join(data)
-        delta = self.payload.feed(text, event)
-        if self._strip_usage and _is_usage_chunk(delta, text):
+        delta = self.payload.feed(block.data, block.event)
+        if self._strip_usage and is_usage_chunk(delta, block.data):
             self.stripped += 1
             return head, 0, 0
         tokens = self._tokens.count(delta)
-        wire = encode_event(Event(text, event, event_id, retry))
+        wire = encode_event(Event(block.data, block.event, block.id, block.retry))
         return head + wire, 1, tokens
-
-
-def _is_usage_chunk(delta: Delta, data: str) -> bool:
-    """OpenAI's include_usage chunk: usage and an empty `choices` list."""
-    if delta.usage is None or delta.text:
-        return False
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and obj.get("choices") == []
 
 
 class _TextMeter:
@@ -199,12 +141,12 @@ class LineRelay:
         self._tokens = _TextMeter(payload, tokenizer)
         self._text = text
         self._lines = LineSplitter()
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8 = Utf8Stream()
         self.failure: UpstreamError | None = None
 
     @property
     def invalid_utf8_bytes(self) -> int:
-        return self._lines.invalid_utf8_bytes
+        return self._lines.invalid_utf8_bytes + self._utf8.invalid_utf8_bytes
 
     def decode(self, chunk: bytes) -> Frames:
         if self._text:
@@ -214,7 +156,7 @@ class LineRelay:
 
     def flush(self) -> Frames:
         if self._text:
-            text = self._utf8.decode(b"", final=True)
+            text = self._utf8.flush()
             return Frames(b"", 0, self._counter.feed(text) if text else 0)
         return Frames(b"", *self._meter(self._lines.flush()))
 
@@ -279,65 +221,3 @@ class BodyRelay:
     def text(self) -> str:
         """The body kept so far, as text (for an error message)."""
         return b"".join(self._body).decode("utf-8", errors="replace")
-
-
-def _count(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float) and not value.is_integer():
-        return None
-    return int(value) if value >= 0 else None
-
-
-def _usage(report: object, keys: tuple[str, str, str]) -> Usage | None:
-    if not isinstance(report, dict):
-        return None
-    usage = Usage(*(_count(report.get(key)) for key in keys))
-    return None if usage == Usage(None, None, None) else usage
-
-
-def _texts(items: object, kind: str, key: str = "text") -> list[str]:
-    if not isinstance(items, list):
-        return []
-    return [
-        item[key]
-        for item in items
-        if isinstance(item, dict) and item.get("type") == kind and isinstance(item.get(key), str)
-    ]
-
-
-def whole_answer(answer: dict[str, Any]) -> Delta | None:
-    """The text, usage and model of a non-streaming answer of OpenAI Chat
-    Completions (`choices[].message`), OpenAI Responses (`object: response`)
-    or Anthropic Messages (`type: message`); None for any other shape.
-
-    sserelay.providers.payloads reads stream payloads; these whole answers are their
-    non-streaming counterparts and are read here."""
-    model = answer.get("model") if isinstance(answer.get("model"), str) else None
-    choices = answer.get("choices")
-    if isinstance(choices, list) and any(
-        isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices
-    ):
-        text = "".join(
-            c["message"]["content"]
-            for c in choices
-            if isinstance(c, dict)
-            and isinstance(c.get("message"), dict)
-            and isinstance(c["message"].get("content"), str)
-        )
-        usage = _usage(answer.get("usage"), ("prompt_tokens", "completion_tokens", "total_tokens"))
-        return Delta(text, usage, model)
-    if answer.get("object") == "response":
-        outputs = answer.get("output")
-        parts: list[str] = []
-        if isinstance(outputs, list):
-            for output in outputs:
-                if isinstance(output, dict) and output.get("type") == "message":
-                    parts += _texts(output.get("content"), "output_text")
-        usage = _usage(answer.get("usage"), ("input_tokens", "output_tokens", "total_tokens"))
-        return Delta("".join(parts), usage, model)
-    if answer.get("type") == "message" and isinstance(answer.get("content"), list):
-        text = "".join(_texts(answer.get("content"), "text"))
-        usage = _usage(answer.get("usage"), ("input_tokens", "output_tokens", "total_tokens"))
-        return Delta(text, usage, model)
-    return None

@@ -5,19 +5,25 @@ the headers, `write()` buffers bytes, `flush()` hands what was written to the
 connection and says whether the client was still there, `wait_disconnected()`
 returns when the client goes away. A batch of chunks that were ready together
 goes out in one flush; no chunk ever waits for a later one.
+
+A write is billed as soon as the connection accepted it, whatever happens next: a
+sink that may be cancelled after handing bytes over (while it yields to learn of a
+disconnect) says so with `accepted`, and the write is billed before the cancel goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
-from sserelay.errors import ClientDisconnected, NoFlushError
+from sserelay.errors import ClientDisconnected, Interrupted, NoFlushError
 from sserelay.metering.meter import ClientMeter
 from sserelay.metering.tokens import count_tokens
+from sserelay.wire.frames import Frames
 from sserelay.wire.sse import encode_batch
+
+__all__ = ["SSE_HEADERS", "EventSink", "Frames", "encode_chunks", "relay_frames", "stream_sse"]
 
 #: The response headers of every event stream (DESIGN.md). `X-Accel-Buffering`
 #: stops nginx-style proxies from buffering; no Content-Encoding, ever.
@@ -39,7 +45,10 @@ class EventSink(Protocol):
     def write(self, data: bytes) -> None: ...
 
     async def flush(self) -> bool:
-        """Send what was written. False if the client had gone away (nothing was delivered)."""
+        """Send what was written. False if the client had gone away (nothing was delivered).
+
+        A sink that can be cancelled inside flush() after the connection took the bytes
+        sets an `accepted` attribute to True before its last await: the write is then billed."""
         ...
 
     async def wait_disconnected(self) -> None: ...
@@ -47,15 +56,6 @@ class EventSink(Protocol):
 
 class _Gone(Exception):
     """The sink reported the client gone during a flush."""
-
-
-@dataclass(frozen=True, slots=True)
-class Frames:
-    """Encoded SSE bytes holding `events` events and `tokens` tokens, written in one flush."""
-
-    payload: bytes
-    events: int
-    tokens: int
 
 
 async def encode_chunks(
@@ -79,9 +79,14 @@ async def encode_chunks(
             yield Frames(payload, len(batch), tokens)
 
     finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _aclose(source)
+
+
+async def _aclose(iterator: object) -> None:
+    """Close an async iterator that has an `aclose()` (an async generator does)."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def stream_sse(
@@ -93,6 +98,7 @@ async def stream_sse(
     ids: bool = True,
     first_id: int = 1,
     heartbeat: float | None = None,
+    stop: asyncio.Future[None] | None = None,
 ) -> int:
     """Stream every chunk of `batches` to `sink` as one SSE event each.
 
@@ -101,10 +107,12 @@ async def stream_sse(
     written when `batches` ends. Raises ClientDisconnected (carrying the tokens
     written so far) the moment the client goes away, and stops reading
     `batches`; NoFlushError for a sink without flush(). With `heartbeat`
-    seconds, an idle stream gets a `: ping` comment that often.
+    seconds, an idle stream gets a `: ping` comment that often. Once `stop` is done
+    (a shutdown), the stream stops at once and Interrupted is raised, carrying the tokens
+    written.
     """
     frames = encode_chunks(batches, count=count, ids=ids, first_id=first_id)
-    return await relay_frames(sink, frames, client=client, heartbeat=heartbeat)
+    return await relay_frames(sink, frames, client=client, heartbeat=heartbeat, stop=stop)
 
 
 async def relay_frames(
@@ -114,6 +122,7 @@ async def relay_frames(
     client: ClientMeter,
     heartbeat: float | None = None,
     headers: Sequence[tuple[bytes, bytes]] = SSE_HEADERS,
+    stop: asyncio.Future[None] | None = None,
 ) -> int:
     """Write each Frames to `sink` and flush it at once: stream_sse() for
     events that are already encoded (a relayed upstream, a broadcast).
@@ -130,7 +139,10 @@ async def relay_frames(
         keep_alive = asyncio.create_task(_keep_alive(sink, heartbeat, activity))
         tasks.add(keep_alive)  # it ends only when a ping finds the client gone, or fails
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # `stop` is shared by every stream of a run: waited on, never cancelled here.
+        await asyncio.wait(
+            tasks if stop is None else {*tasks, stop}, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         # Whatever ended the race (the source, the client, or a cancel from
         # outside), the other side stops now: a gone client stops the reads,
@@ -138,13 +150,14 @@ async def relay_frames(
         for task in tasks:
             task.cancel()
         await asyncio.wait(tasks)
-        aclose = getattr(frames, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _aclose(frames)
     if keep_alive is not None and not keep_alive.cancelled():
         if (error := keep_alive.exception()) is not None:
             raise error  # a failed ping is not a gone client: say what went wrong
     if pump.cancelled() or isinstance(pump.exception(), _Gone):
+        # The watcher ran to its end only if the client went away (else it was cancelled).
+        if stop is not None and stop.done() and watcher.cancelled():
+            raise Interrupted(client.tokens)
         raise ClientDisconnected(client.tokens)
     pump.result()  # re-raises a source error
     return client.tokens
@@ -175,7 +188,14 @@ async def _pump(
         if item.payload:
             async with activity.lock:
                 sink.write(item.payload)
-                if not await sink.flush():
+                try:
+                    delivered = await sink.flush()
+                except asyncio.CancelledError:
+                    # Cancelled once the connection had the bytes: they are the client's.
+                    if getattr(sink, "accepted", False):
+                        client.record(item.events, item.tokens, len(item.payload))
+                    raise
+                if not delivered:
                     raise _Gone
             activity.last = time()
         client.record(item.events, item.tokens, len(item.payload))

@@ -106,6 +106,119 @@ def encode_comment(text: str = "") -> bytes:
     return "".join(f": {line}\n" if line else ":\n" for line in lines).encode()
 
 
+# An SSE field name as servers write one (RFC 9110 token characters). WHATWG §9.2.6 would
+# ignore any other line; a strict reader (a gateway) calls it what it is: not SSE.
+_FIELD_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One SSE block as written, up to the blank line that ends it: its `data` lines joined
+    by `\\n` (None when it has no data field), its last `event` and `retry`, its `id` field
+    (None when it has none; an id holding NUL is ignored, §9.2.6) and, where kept, its
+    comment lines (with their colon)."""
+
+    data: str | None = None
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+    comments: tuple[str, ...] = ()
+
+
+class BlockParser:
+    """The one SSE field parser (§9.2.5 lines, §9.2.6 fields), block by block.
+
+    `decode(chunk)` returns the blocks that `chunk` completes; any split of the byte stream
+    gives the same blocks. `flush()` at the end of the stream returns nothing and says, with
+    `unterminated`, whether data was left without its blank line. With `strict`, a line
+    that is neither a comment nor a well-formed field stops the parse: `failure` holds the
+    line and every later byte is ignored. Comments are kept in their block with
+    `keep_comments`. `invalid_utf8_bytes` counts bytes replaced with U+FFFD."""
+
+    def __init__(self, *, keep_comments: bool = False, strict: bool = False) -> None:
+        self._lines = LineSplitter()  # §9.2.5's line ends, a CR and its LF in two chunks too
+        self._keep_comments = keep_comments
+        self._strict = strict
+        self._first_line = True
+        self.failure: str | None = None
+        self.unterminated = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._data: list[str] = []
+        self._event: str | None = None
+        self._id: str | None = None
+        self._retry: int | None = None
+        self._comments: list[str] = []
+        self._open = False  # a field or comment was read since the last blank line
+
+    @property
+    def invalid_utf8_bytes(self) -> int:
+        return self._lines.invalid_utf8_bytes
+
+    def decode(self, chunk: bytes) -> list[Block]:
+        if self.failure is not None:
+            return []
+        blocks: list[Block] = []
+        for line in self._lines.decode(chunk):
+            if self._first_line:
+                self._first_line = False
+                line = line.removeprefix(_BOM)  # §9.2.5: one leading BOM is ignored
+            if line:
+                if not self._field(line):
+                    break
+            elif self._open:  # §9.2.6: a blank line dispatches the block
+                blocks.append(self._block())
+        return blocks
+
+    def flush(self) -> list[Block]:
+        """End of stream: §9.2.6 discards a block not ended by a blank line. `unterminated`
+        says whether that block held data (or a last line had no line end)."""
+        rest = [line for line in self._lines.flush() if line]
+        self.unterminated = self.failure is None and bool(rest or self._data)
+        self._reset()
+        return []
+
+    def _field(self, line: str) -> bool:
+        """Take one non-blank line; False (and `failure` set) if a strict parse meets non-SSE."""
+        self._open = True
+        if line[0] == ":":  # a comment
+            if self._keep_comments:
+                self._comments.append(line)
+            return True
+        name, colon, value = line.partition(":")
+        if colon and value[:1] == " ":  # one leading space is stripped
+            value = value[1:]
+        # A line without a colon is a field with that name and an empty value.
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value or None
+        elif name == "id":
+            if "\0" not in value:  # an id with NUL is ignored
+                self._id = value
+        elif name == "retry":
+            # Only ASCII digits count. int() refuses over 4,300 digits; so long
+            # a value is an attack, not a delay, and is ignored.
+            if value.isascii() and value.isdigit() and len(value) <= 4000:
+                self._retry = int(value)
+        elif self._strict and not _FIELD_NAME.fullmatch(name):
+            self.failure = line
+            return False
+        return True  # any other field is ignored, as a browser would
+
+    def _block(self) -> Block:
+        block = Block(
+            "\n".join(self._data) if self._data else None,
+            self._event,
+            self._id,
+            self._retry,
+            tuple(self._comments),
+        )
+        self._reset()
+        return block
+
+
 class SSEDecoder:
     """Incremental decoder: `decode(chunk)` returns the events completed by
     `chunk`; any split of the byte stream (down to one byte at a time, or a CR
@@ -116,68 +229,35 @@ class SSEDecoder:
     sends); `retry` the last valid reconnection time."""
 
     def __init__(self) -> None:
-        self._lines = LineSplitter()  # §9.2.5's line ends, a CR and its LF in two chunks too
-        self._first_line = True
-        self._data: list[str] = []
-        self._event_type = ""
+        self._blocks = BlockParser()
         self.last_event_id = ""
-        self._id_buffer = ""  # §9.2.6: the id field fills a buffer; dispatch publishes it
         self.retry: int | None = None
-        self._retry_seen = False  # a retry field since the last dispatch, kept for relays
 
     def decode(self, chunk: bytes) -> list[Event]:
         events: list[Event] = []
-        for line in self._lines.decode(chunk):
-            event = self._process_line(line)
+        for block in self._blocks.decode(chunk):
+            event = self._dispatch(block)
             if event is not None:
                 events.append(event)
         return events
 
     def flush(self) -> list[Event]:
         """End of stream: drop the unterminated last event (§9.2.6) and reset."""
-        self._lines.flush()  # a last line without its line end belongs to that event
-        self._data = []
-        self._event_type = ""
-        self._retry_seen = False
+        self._blocks.flush()
         return []
 
-    def _process_line(self, line: str) -> Event | None:
-        if self._first_line:
-            self._first_line = False
-            # §9.2.5: one leading U+FEFF byte order mark is ignored.
-            line = line.removeprefix(_BOM)
-        if not line:  # a blank line dispatches the event
-            return self._dispatch()
-        if line.startswith(":"):  # a comment
-            return None
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):  # one leading space is stripped
-            value = value[1:]
-        # a line without a colon is a field with that name and an empty value
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event_type = value
-        elif name == "id":
-            if "\0" not in value:  # an id with NUL is ignored
-                self._id_buffer = value
-        elif name == "retry":
-            # Only ASCII digits count. int() refuses over 4,300 digits; so long
-            # a value is an attack, not a delay, and is ignored.
-            if value.isascii() and value.isdigit() and len(value) <= 4000:
-                self.retry = int(value)
-                self._retry_seen = True
-        return None  # any other field is ignored
-
-    def _dispatch(self) -> Event | None:
-        self.last_event_id = self._id_buffer
-        data, event_type, retry_seen = self._data, self._event_type, self._retry_seen
-        self._data, self._event_type, self._retry_seen = [], "", False
-        if not data:  # §9.2.6: an empty data buffer dispatches nothing
+    def _dispatch(self, block: Block) -> Event | None:
+        # §9.2.6: the id field fills the last event ID buffer, which every dispatch
+        # publishes, data or not; an empty id resets it.
+        if block.id is not None:
+            self.last_event_id = block.id
+        if block.retry is not None:
+            self.retry = block.retry
+        if block.data is None:  # §9.2.6: an empty data buffer dispatches nothing
             return None
         return Event(
-            data="\n".join(data),
-            event=event_type or None,
+            data=block.data,
+            event=block.event,
             id=self.last_event_id or None,
-            retry=self.retry if retry_seen else None,
+            retry=block.retry,
         )

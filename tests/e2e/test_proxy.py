@@ -27,7 +27,8 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from sserelay import SSEDecoder, count_tokens
-from sserelay.providers.payloads import PayloadMeter, Usage
+from sserelay.metering.usage import Usage
+from sserelay.providers.payloads import PayloadMeter
 from tests.conftest import Relay, require_tool, wait_until
 
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"

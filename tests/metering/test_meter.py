@@ -13,7 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sserelay.metering.meter import REASONS, Bill, ClientMeter, Meter, cost_of
+from sserelay.metering.bill import Bill, RequestFacts
+from sserelay.metering.meter import ClientMeter, Meter
+from sserelay.metering.pricing import cost_of
+from sserelay.metering.reason import REASONS
+from sserelay.metering.usage import Usage
 
 # --------------------------------------------------------------------------- helpers
 
@@ -315,10 +319,12 @@ def test_to_dict_cost_is_none_without_price(clock: FakeClock) -> None:
 
 def test_to_dict_has_upstream_usage_when_set(clock: FakeClock) -> None:
     meter = sample_meter(clock)
-    usage = {"prompt_tokens": 12, "completion_tokens": 11, "total_tokens": 23}
-    meter.upstream_usage = usage
+    request = meter.open_client("127.0.0.1:3", RequestFacts("POST", "/v1/chat/completions"))
+    request.upstream_usage = Usage(12, 11, 23)
     data = meter.bill("complete").to_dict()
+    usage = {"input_tokens": 12, "output_tokens": 11, "total_tokens": 23}
     assert data["upstream_usage"] == usage
+    assert data["clients"][-1]["upstream_usage"] == usage
 
 
 @pytest.mark.parametrize("usage", [None, {"input_tokens": 5, "output_tokens": 9}])
@@ -327,7 +333,9 @@ def test_to_dict_round_trips_through_json(
     clock: FakeClock, usage: dict[str, int] | None, price: float | None
 ) -> None:
     meter = sample_meter(clock, price=price)
-    meter.upstream_usage = dict(usage) if usage is not None else None
+    if usage is not None:
+        request = meter.open_client("127.0.0.1:3", RequestFacts("POST", "/v1/messages"))
+        request.upstream_usage = Usage(usage["input_tokens"], usage["output_tokens"])
     meter.invalid_utf8_bytes = 3
     bill: Bill = meter.bill("interrupted")
     data = bill.to_dict()

@@ -7,17 +7,17 @@ import json
 
 import pytest
 
+from sserelay.metering.usage import Usage
 from sserelay.providers.answers import (
     DEFAULT_MODEL,
     PROVIDERS,
     MockRequest,
-    error_body,
     models_list,
     new_answer,
     read_request,
 )
-from sserelay.providers.payloads import PayloadMeter, Usage
-from sserelay.streaming.relays import whole_answer
+from sserelay.providers.errors import error_body
+from sserelay.providers.payloads import PayloadMeter, whole_answer
 from sserelay.wire.sse import SSEDecoder, encode_event
 
 CHUNKS = ["Hello", ' "quoted"\n', "\\ back\tslash", " émoji 🚀\r\n"]

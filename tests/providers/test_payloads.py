@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 import sserelay.providers.payloads
 from sserelay.metering.tokens import WhitespaceCounter, count_tokens
+from sserelay.metering.usage import Usage
 from sserelay.providers.payloads import (
     PAYLOAD_KINDS,
     Delta,
     PayloadMeter,
-    Usage,
     detect_kind,
     openai_chunk,
     openai_usage_chunk,
@@ -847,15 +847,16 @@ def test_built_chunks_round_trip_through_the_meter() -> None:
 # --------------------------------------------------------------------------- purity
 
 
-def test_formats_imports_only_the_standard_library() -> None:
+def test_payloads_import_only_the_standard_library_and_pure_metering() -> None:
     tree = ast.parse(Path(sserelay.providers.payloads.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
+            imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            imported.add((node.module or "").split(".")[0])
-    assert imported <= {"__future__", "collections", "dataclasses", "json", "typing"}
+            imported.add(node.module or "")
+    stdlib = {"__future__", "collections.abc", "dataclasses", "json", "typing"}
+    assert imported <= stdlib | {"sserelay.metering.usage"}
 
 
 # --------------------------------------------------------------------------- property tests

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from sserelay.errors import RecordingError
 from sserelay.metering.tokens import get_tokenizer
 from sserelay.providers.payloads import PayloadMeter
 from sserelay.record.format import (
     Block,
     Chunk,
     Header,
-    RecordingError,
     is_recording,
     read_recording,
     record_lines,

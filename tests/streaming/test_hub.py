@@ -17,7 +17,7 @@ from sserelay.metering.tokens import count_tokens
 from sserelay.sources.pacing import Pacer
 from sserelay.sources.text import Batch, TimedBatch
 from sserelay.streaming.hub import HISTORY_TRUNCATED, EventLog, Hub, Listener, parse_event_id
-from sserelay.streaming.stream import Frames
+from sserelay.wire.frames import Frames
 from sserelay.wire.sse import encode_data
 
 # --------------------------------------------------------------------------- the event log

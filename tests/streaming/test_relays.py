@@ -10,15 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sserelay.metering.tokens import count_tokens, get_tokenizer
-from sserelay.providers.payloads import PayloadMeter, Usage
+from sserelay.metering.usage import Usage
+from sserelay.providers.payloads import PayloadMeter, whole_answer
 from sserelay.streaming.relays import (
     MAX_METERED_BODY,
     BodyRelay,
     EventRelay,
     LineRelay,
-    whole_answer,
 )
-from sserelay.streaming.stream import Frames
+from sserelay.wire.frames import Frames
 from sserelay.wire.sse import SSEDecoder
 
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"

@@ -1,4 +1,4 @@
-"""The pure helpers of `sserelay.http.proxy_app` (the endpoint: tests/e2e/test_proxy.py)."""
+"""What the proxy reads from and changes in a request, and reads from an error body (pure)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from sserelay.http.proxy_app import _error_detail, ask_for_usage
+from sserelay.providers.errors import error_detail
+from sserelay.providers.requests import ask_for_usage
 
 
 def test_include_usage_is_added_to_a_streaming_chat_request() -> None:
@@ -43,4 +44,4 @@ def test_include_usage_leaves_other_requests_alone(request_body: dict[str, Any])
     ],
 )
 def test_error_detail_is_one_short_line(body: str, detail: str) -> None:
-    assert _error_detail(body) == detail
+    assert error_detail(body) == detail

@@ -1,0 +1,216 @@
+"""The command-line options: one table per command, each option also read from SSERELAY_<NAME>.
+
+The exit codes live here too: documented in `--help`, README.md and man/sserelay.1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from sserelay.metering.reason import Reason
+from sserelay.metering.tokens import tokenizer_names
+from sserelay.providers.answers import PROVIDERS
+from sserelay.providers.payloads import PAYLOAD_KINDS
+from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_MAX_LAG
+from sserelay.wire.chunking import CHUNK_MODES
+
+#: Exit codes: a reason's, or one of these.
+EXIT_COMPLETE = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_SIGTERM = 143
+EXIT_CODES = {
+    Reason.COMPLETE.value: EXIT_COMPLETE,
+    Reason.CLIENT_DISCONNECTED.value: 3,
+    Reason.UPSTREAM_ERROR.value: 4,
+    Reason.INPUT_ERROR.value: 5,
+    Reason.SLOW_CLIENT.value: 6,
+    Reason.INTERRUPTED.value: 130,
+}
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    complete: the stream ended and every client got all of it
+  1    error: could not start (port in use, bad address) or write the bill
+  2    usage error
+  3    client_disconnected: the client went away before the end
+  4    upstream_error: the upstream failed
+  5    input_error: the input could not be read
+  6    slow_client: the last client fell too far behind (--max-lag) and was cut off
+  130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM
+"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Finite(click.ParamType[float, Any]):
+    """A finite number in a range: click's FloatRange lets `nan` and `inf` through."""
+
+    name = "number"
+
+    def __init__(self, low: float = 0.0, *, open_low: bool = False) -> None:
+        self.low = low
+        self.open_low = open_low
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if number < self.low or (self.open_low and number == self.low):
+            relation = "over" if self.open_low else "at least"
+            self.fail(f"{number:g} is not {relation} {self.low:g}", param, ctx)
+        return number
+
+
+class HeaderLines(click.types.StringParamType):
+    """Headers as `'Name: value'`; several in SSERELAY_UPSTREAM_HEADER go one per line."""
+
+    name = "header"
+    envvar_list_splitter = "\n"
+
+
+def parse_headers(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[tuple[str, str], ...]:
+    from sserelay.sources.upstream import parse_header  # httpx: not for --version
+
+    headers = []
+    for value in values:
+        if not value.strip():
+            continue
+        try:
+            headers.append(parse_header(value))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+    return tuple(headers)
+
+
+def option(*decls: str, env: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option read from SSERELAY_<env> too."""
+    return click.option(*decls, envvar=f"SSERELAY_{env}", **kwargs)
+
+
+def apply(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    def decorate(command: F) -> F:
+        for add in reversed(options):
+            command = add(command)
+        return command
+
+    return decorate
+
+
+common_options = apply(
+    [
+        option("--host", env="HOST", default="127.0.0.1", show_default=True,
+               metavar="ADDRESS", help="Address to listen on."),
+        option("--port", env="PORT", default=8000, show_default=True, metavar="PORT",
+               type=click.IntRange(0, 65535), help="Port to listen on; 0 picks a free one."),
+        option("--json", "as_json", env="JSON", is_flag=True,
+               help="Print the bill as one JSON object."),
+        option("--quiet", "-q", env="QUIET", is_flag=True, help="No live counter on stderr."),
+        option("--tokenizer", env="TOKENIZER", default="whitespace", show_default=True,
+               metavar="NAME", type=click.Choice(tokenizer_names()),
+               help="How tokens are counted: whitespace (words) or chars."),
+        option("--price", env="PRICE", type=Finite(), metavar="AMOUNT",
+               help="Price per 1M tokens; the bill then shows the cost."),
+        option("--heartbeat", env="HEARTBEAT", type=Finite(), default=15.0, show_default=True,
+               metavar="SECONDS",
+               help="Send a ': ping' comment on a stream idle this long; 0 turns it off."),
+        option("--no-ids", env="NO_IDS", is_flag=True,
+               help="Do not number events with an id: field."),
+        option("--auth-token", env="AUTH_TOKEN", metavar="TOKEN",
+               help="Clients must present TOKEN ('Authorization: Bearer TOKEN', x-api-key, "
+               "or ?token=TOKEN), else 401."),
+        option("--max-clients", env="MAX_CLIENTS", type=click.IntRange(min=1), metavar="N",
+               help="At most N clients (requests) at once; more get 503."),
+        option("--cors-origin", env="CORS_ORIGIN", metavar="ORIGIN",
+               help="Allow pages from ORIGIN (or *) to call it (Access-Control-Allow-Origin; "
+               "preflights answered)."),
+    ]
+)  # fmt: skip
+
+serve_options = apply(
+    [
+        click.argument("source", required=False, default="-", metavar="[SOURCE]"),
+        option("--chunk", env="CHUNK", type=click.Choice(CHUNK_MODES), default="line",
+               show_default=True,
+               help="One event per line, per word (with the whitespace before it, like model "
+               "deltas), or per read as it arrives (raw)."),
+        option("--rate", env="RATE", type=Finite(open_low=True), metavar="TOKENS_PER_S",
+               help="Pace the stream: each event waits for its tokens at this many tokens/s."),
+        option("--delay", env="DELAY", type=Finite(), default=0.0, metavar="SECONDS",
+               help="Pace the stream: wait this long between events."),
+        option("--realtime", env="REALTIME", is_flag=True,
+               help="Replay a recorded source with its recorded timing (plain text has none)."),
+        option("--keep", env="KEEP", is_flag=True,
+               help="Serve until Ctrl-C: later clients get the history; the source is paused "
+               "while no client listens."),
+        option("--history", env="HISTORY", type=click.IntRange(min=0), default=DEFAULT_HISTORY,
+               show_default=True, metavar="EVENTS",
+               help="Keep the last EVENTS events for late clients and Last-Event-ID resumes."),
+        option("--max-lag", env="MAX_LAG", type=click.IntRange(min=1), metavar="EVENTS",
+               help=f"Cut off (slow_client) a client more than EVENTS events behind the newest "
+               f"[default: {DEFAULT_MAX_LAG} or --history, if larger]."),
+        option("--as", "provider", env="AS", type=click.Choice(PROVIDERS),
+               help="Be a mock LLM API: answer the provider's completion requests (and its "
+               "SDK) with SOURCE's text, streamed or whole, each request anew, until Ctrl-C."),
+        option("--once", env="ONCE", is_flag=True,
+               help="With --as: exit when the first completion request ends, with its bill "
+               "and code."),
+    ]
+)  # fmt: skip
+
+proxy_options = apply(
+    [
+        option("--upstream", env="UPSTREAM", required=True, metavar="URL",
+               help="The streaming upstream; a request for /PATH goes to URL/PATH, for / to "
+               "URL itself."),
+        option("--upstream-header", "upstream_headers", env="UPSTREAM_HEADER", multiple=True,
+               type=HeaderLines(), callback=parse_headers, metavar="'NAME: VALUE'",
+               help="Add this header to every upstream request (e.g. the API key); "
+               "repeatable. Never printed."),
+        option("--payload", env="PAYLOAD", type=click.Choice(PAYLOAD_KINDS), default="auto",
+               show_default=True, help="How to find the text (and usage) in the upstream's "
+               "payloads."),
+        option("--keep-comments", env="KEEP_COMMENTS", is_flag=True,
+               help="Relay the upstream's SSE comment lines (dropped by default)."),
+        option("--include-usage", env="INCLUDE_USAGE", is_flag=True,
+               help="Ask OpenAI-style chat upstreams for usage (stream_options.include_usage); "
+               "the extra usage chunk is kept from clients that did not ask for it."),
+        option("--prices", env="PRICES", metavar="FILE",
+               type=click.Path(exists=True, dir_okay=False, readable=True),
+               help="TOML price list: [MODEL] input = ..., output = ... (per 1M tokens)."),
+        option("--connect-timeout", env="CONNECT_TIMEOUT", type=Finite(open_low=True),
+               default=10.0, show_default=True, metavar="SECONDS",
+               help="Give up on an upstream that does not accept the connection this fast."),
+        option("--read-timeout", env="READ_TIMEOUT", type=Finite(open_low=True), default=300.0,
+               show_default=True, metavar="SECONDS",
+               help="Give up on an upstream that sends nothing for this long."),
+        option("--once", env="ONCE", is_flag=True,
+               help="Exit when the first proxied request ends, with its bill and exit code."),
+        option("--record", env="RECORD", metavar="FILE",
+               type=click.Path(dir_okay=False, writable=True),
+               help="Record the first request's answer, as relayed, to FILE (JSON Lines with "
+               "the time of each event, written as it goes); `sserelay serve FILE` replays it."),
+    ]
+)  # fmt: skip
+
+#: The option that sets each config field, where it is not `--field-name`.
+OPTION_OF_FIELD = {"provider": "--as", "source": "SOURCE", "upstream_headers": "--upstream-header"}
+
+
+def option_of(field: str | None) -> str | None:
+    """The command-line option that sets a config field."""
+    if field is None:
+        return None
+    return OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))

@@ -1,0 +1,179 @@
+"""What a run is asked to do: one frozen, self-validating config per command.
+
+`ServeConfig` (`sserelay serve`), `MockConfig` (`sserelay serve --as`) and `ProxyConfig`
+(`sserelay proxy`) hold every setting of their command, checked when they are made: a bad
+value raises ConfigError naming its `field` (the CLI turns that into a usage error on the
+option that set it). Settings that need a file or the source to check (a price list, a
+recording's timing) are checked by `run()` before it listens.
+
+    config = sserelay.ServeConfig(source="answer.txt", port=0, keep=True)
+    result = asyncio.run(sserelay.run(config))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from sserelay.errors import ConfigError
+from sserelay.http.access import Access
+from sserelay.metering.tokens import tokenizer_names
+from sserelay.providers.answers import PROVIDERS
+from sserelay.providers.payloads import PAYLOAD_KINDS
+from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_MAX_LAG
+from sserelay.wire.chunking import CHUNK_MODES
+
+
+def _finite(name: str, value: float | None, *, low: float = 0.0, open_low: bool = False) -> None:
+    """`value` must be a finite number at least `low` (over it, with `open_low`), or None."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{value!r} is not a finite number", name)
+    if value < low or (open_low and value == low):
+        relation = "over" if open_low else "at least"
+        raise ConfigError(f"{value:g} is not {relation} {low:g}", name)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What every command shares: where to listen, how to count and price tokens,
+    heartbeats, ids, and who may connect."""
+
+    host: str = "127.0.0.1"
+    #: 0 picks a free port
+    port: int = 8000
+    tokenizer: str = "whitespace"
+    #: currency per 1M tokens
+    price: float | None = None
+    #: seconds between `: ping` comments on an idle stream; None or 0: no pings
+    heartbeat: float | None = 15.0
+    ids: bool = True
+    access: Access = field(default_factory=Access)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"{self.port!r} is not a port (0 to 65535)", "port")
+        if not self.host:
+            raise ConfigError("the address is empty", "host")
+        _choice("tokenizer", self.tokenizer, tokenizer_names())
+        _finite("price", self.price)
+        # A price this large overflows to infinity in a cost: refuse it here.
+        if self.price is not None and self.price * 1e12 == math.inf:
+            raise ConfigError(f"{self.price:g} is too large a price", "price")
+        _finite("heartbeat", self.heartbeat)
+        access = self.access
+        if access.token is not None and not access.token.strip():
+            raise ConfigError("the token is empty", "auth_token")
+        if access.max_clients is not None and access.max_clients < 1:
+            raise ConfigError(f"{access.max_clients} is not at least 1", "max_clients")
+
+    @property
+    def heartbeat_s(self) -> float | None:
+        """The heartbeat interval, None when off."""
+        return self.heartbeat or None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Paced(RunConfig):
+    """A run that reads a source and may pace it."""
+
+    #: a path, or "-" for stdin
+    source: str = "-"
+    chunk: str = "line"
+    #: tokens per second
+    rate: float | None = None
+    #: seconds between events
+    delay: float = 0.0
+    #: replay a recording with its recorded timing
+    realtime: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("chunk", self.chunk, CHUNK_MODES)
+        _finite("rate", self.rate, open_low=True)
+        _finite("delay", self.delay)
+        if self.realtime and (self.rate is not None or self.delay):
+            raise ConfigError(
+                "--realtime replays the recorded timing: drop --rate and --delay", "realtime"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(_Paced):
+    """`sserelay serve SOURCE`: the source as a live SSE stream, to every client."""
+
+    #: serve until interrupted; later clients get the history
+    keep: bool = False
+    #: events kept for late clients and resumes
+    history: int = DEFAULT_HISTORY
+    #: cut a client this many events behind (None: the larger of the default and history)
+    max_lag: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.history, int) or self.history < 0:
+            raise ConfigError(f"{self.history!r} is not a number of events", "history")
+        if self.max_lag is not None:
+            if self.max_lag < 1:
+                raise ConfigError(f"{self.max_lag} is not at least 1", "max_lag")
+            if self.max_lag < self.history:
+                raise ConfigError(
+                    f"{self.max_lag} is less than --history {self.history}: a client replaying "
+                    "the history starts that far behind",
+                    "max_lag",
+                )
+
+    @property
+    def lag_limit(self) -> int:
+        """The max lag in force."""
+        return self.max_lag if self.max_lag is not None else max(DEFAULT_MAX_LAG, self.history)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MockConfig(_Paced):
+    """`sserelay serve SOURCE --as PROVIDER`: a mock of the provider's API answering with
+    the source's text, each request anew."""
+
+    provider: str = "openai"
+    #: end with the first completion request
+    once: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("provider", self.provider, PROVIDERS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyConfig(RunConfig):
+    """`sserelay proxy --upstream URL`: a metering gateway in front of an LLM API."""
+
+    upstream: str
+    #: ('Name', 'value') pairs added to every upstream request (never printed)
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    payload: str = "auto"
+    keep_comments: bool = False
+    include_usage: bool = False
+    #: a TOML price list, per model
+    prices: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    once: bool = False
+    #: record the first request's answer to this file
+    record: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("payload", self.payload, PAYLOAD_KINDS)
+        _finite("connect_timeout", self.connect_timeout, open_low=True)
+        _finite("read_timeout", self.read_timeout, open_low=True)
+        if not self.upstream:
+            raise ConfigError("the upstream URL is empty", "upstream")
+
+
+Config = ServeConfig | MockConfig | ProxyConfig

@@ -1,0 +1,152 @@
+"""One life cycle for every endpoint: the stream (`serve`), the mock (`serve --as`), the proxy.
+
+An Endpoint bills each client (a stream, or a request) on its own row of the Meter, from the
+moment it is let in to its end, and knows when the run is over:
+
+- `interrupt()` (Ctrl-C, SIGTERM) completes `stop`, a future every open stream races against
+  (relay_frames(stop=...)): each ends now, cleanly, billed exactly; no task is cancelled
+  mid-write. From then on new requests are refused with 503, and once the last open one has
+  ended the run is `finished`, with reason `interrupted`.
+- `once` ends the run with the first billed request (its reason and error are the run's).
+- A subclass says when else the run ends (`_ended`): the stream ends with its last client.
+
+Refusals and errors are answered in the error shape of the API the request was for
+(`api`, see providers/errors.py), plain text for the bare stream (`api` None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from starlette.types import Scope, Send
+
+from sserelay.http.access import Access, Refusal
+from sserelay.http.asgi import peer, send_json, send_response
+from sserelay.metering.bill import ClientBill, RequestFacts
+from sserelay.metering.meter import ClientMeter, Meter
+from sserelay.metering.reason import Reason
+from sserelay.providers.errors import error_body
+
+#: How a request ended: its reason and its error message, if any.
+Outcome = tuple[Reason, "str | None"]
+#: The most a run takes to end after a signal, with clients that do not read: an
+#: interrupted stream gets this long to take its last bytes, then its connection is reset.
+SHUTDOWN_GRACE = 2.0
+
+
+class Endpoint:
+    """The life cycle the stream, mock and proxy endpoints share (see the module docstring)."""
+
+    def __init__(self, meter: Meter, *, access: Access | None = None, once: bool = False) -> None:
+        self.meter = meter
+        self.access = access or Access()
+        self.once = once
+        self.finished = asyncio.Event()
+        self.reason: Reason | None = None
+        self.error: str | None = None
+        #: Done once the run is stopping: every open stream ends now.
+        self.stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: Clients being served now.
+        self.open = 0
+        self._claimed = False
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop.done()
+
+    @property
+    def closed(self) -> bool:
+        """Whether a new request is refused: shutting down, or (`once`) the one request taken."""
+        return self.stopping or (self.once and self._claimed)
+
+    def closed_message(self) -> str:
+        if self.stopping:
+            return "shutting down"
+        return "already served its one request (--once)"
+
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM: end every open stream now, then finish."""
+        if not self.stop.done():
+            self.stop.set_result(None)
+        self._interrupted()
+        if not self.open:
+            self._finish(Reason.INTERRUPTED)
+
+    def _interrupted(self) -> None:
+        """What else a subclass stops on interrupt (the hub's reader)."""
+
+    def _finish(self, reason: Reason, error: str | None = None) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.error = error
+        self.finished.set()
+
+    def refusal(self, scope: Scope) -> Refusal | None:
+        """Why a new request is not served, if it is not: shutting down, its credentials,
+        too many clients."""
+        if self.closed:
+            return Refusal(503, None, self.closed_message(), ((b"retry-after", b"1"),))
+        refused = self.access.authorize(scope)
+        if refused is not None:
+            return refused
+        return self.access.over_capacity(self.open)
+
+    async def refuse(self, send: Send, refusal: Refusal, api: str | None) -> None:
+        headers = (*refusal.headers, *self.access.cors_headers)
+        await answer_error(send, refusal.status, refusal.message, api, headers=headers)
+
+    async def serve_client(
+        self,
+        scope: Scope,
+        handle: Callable[[ClientMeter], Awaitable[Outcome]],
+        *,
+        request: RequestFacts | None = None,
+        unforeseen: Outcome,
+    ) -> ClientBill:
+        """Run `handle` for one client as a row of the bill. `unforeseen` is the outcome if
+        something escapes `handle`: the client is still billed, and `once` still ends,
+        rather than waiting for a request that is gone."""
+        self._claimed = True
+        client = self.meter.open_client(peer(scope), request)
+        self.open += 1
+        outcome = unforeseen
+        try:
+            outcome = await handle(client)
+        except asyncio.CancelledError:
+            outcome = Reason.INTERRUPTED, None  # the server's own last-resort cancel
+            raise
+        finally:
+            self.open -= 1
+            reason, error = outcome
+            bill = self.meter.close(client, reason, error)
+            self._ended(bill)
+        return bill
+
+    def _ended(self, bill: ClientBill) -> None:
+        """A client has ended (and is closed on the meter): does the run end with it?"""
+        if self.stopping:
+            if not self.open:
+                self._finish(Reason.INTERRUPTED)
+        elif self.once:
+            self._finish(bill.reason, bill.error)
+
+
+async def answer_error(
+    send: Send,
+    status: int,
+    message: str,
+    api: str | None,
+    *,
+    code: str | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    """An error response in `api`'s shape (its SDK then says why), or plain text (`api`
+    None: the bare stream, curl, a browser)."""
+    if api is None:
+        body = f"sserelay: {message}\n".encode()
+        await send_response(send, status, body, b"text/plain; charset=utf-8", headers)
+        return
+    await send_json(
+        send, status, error_body(api, f"sserelay: {message}", status=status, code=code), headers
+    )

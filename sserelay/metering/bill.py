@@ -1,0 +1,137 @@
+"""The immutable accounts: one client's `ClientBill`, a run's `Bill`, a live `Totals` (pure).
+
+`Bill.to_dict()` is the bill's JSON, a documented contract (DESIGN.md, "CLI contract").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sserelay.metering.reason import Reason
+from sserelay.metering.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What a request was (a proxied or mocked one): its method and path (never the query:
+    keys travel there), the model it named or was answered by, and the upstream's status
+    (None until an upstream answered)."""
+
+    method: str
+    path: str
+    model: str | None = None
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientBill:
+    """One client's share of the bill: a stream of `serve`, or one request."""
+
+    id: int
+    peer: str
+    tokens: int
+    events: int
+    bytes: int
+    reason: Reason
+    duration_s: float
+    time_to_first_event_s: float | None
+    #: Set for a request (`serve --as`, `proxy`); None for a `serve` client.
+    request: RequestFacts | None = None
+    upstream_usage: Usage | None = None
+    cost: float | None = None
+    #: Why it ended badly, in one line (never a secret); None if it did not.
+    error: str | None = None
+
+    @property
+    def partial(self) -> bool:
+        """The client got less than the whole stream."""
+        return self.reason != Reason.COMPLETE
+
+    @property
+    def model(self) -> str | None:
+        return None if self.request is None else self.request.model
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "peer": self.peer,
+            "tokens": self.tokens,
+            "events": self.events,
+            "bytes": self.bytes,
+            "reason": str(self.reason),
+            "duration_s": self.duration_s,
+            "time_to_first_event_s": self.time_to_first_event_s,
+        }
+        if self.request is not None:
+            out.update(
+                method=self.request.method,
+                path=self.request.path,
+                model=self.request.model,
+                upstream_status=self.request.status,
+                upstream_usage=None
+                if self.upstream_usage is None
+                else self.upstream_usage.to_dict(),
+                partial=self.partial,
+                cost=self.cost,
+            )
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """A live snapshot for the counter display."""
+
+    tokens: int
+    events: int
+    bytes: int
+    elapsed_s: float
+    active_clients: int
+    clients: int
+    cost: float | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """The final account of a run. Totals are sums over `clients`."""
+
+    reason: Reason
+    tokens: int
+    events: int
+    bytes: int
+    duration_s: float
+    time_to_first_event_s: float | None
+    tokenizer: str
+    price_per_million: float | None
+    cost: float | None
+    clients: tuple[ClientBill, ...]
+    invalid_utf8_bytes: int = 0
+    upstream_usage: Usage | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return round(self.tokens / self.duration_s, 3) if self.duration_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The bill as JSON-ready data; keys are the documented contract."""
+        out: dict[str, Any] = {
+            "reason": str(self.reason),
+            "tokens": self.tokens,
+            "events": self.events,
+            "bytes": self.bytes,
+            "duration_s": self.duration_s,
+            "time_to_first_event_s": self.time_to_first_event_s,
+            "tokens_per_s": self.tokens_per_s,
+            "tokenizer": self.tokenizer,
+            "price_per_million": self.price_per_million,
+            "cost": self.cost,
+            "invalid_utf8_bytes": self.invalid_utf8_bytes,
+            "clients": [client.to_dict() for client in self.clients],
+        }
+        if self.upstream_usage is not None:
+            out["upstream_usage"] = self.upstream_usage.to_dict()
+        return out
