@@ -44,7 +44,7 @@ from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Any
 
-from sserelay.errors import SSERelayError
+from sserelay.errors import ConfigError
 
 __all__ = [
     "ANONYMOUS",
@@ -77,20 +77,20 @@ class Period(StrEnum):
     MONTH = "month"
 
 
-class KeysFileError(SSERelayError):
+class KeysFileError(ConfigError):
     """The keys file is not valid; the message is one line: `FILE:LINE: reason`.
 
-    `path`, `line` (1-based) and `reason` are kept apart for callers and tests. The message
+    `path`, `line` (1-based) and `why` are kept apart for callers and tests. The message
     never holds a secret or a digest, only names of files, keys and fields.
     """
 
     def __init__(self, path: str, line: int, reason: str, column: int | None = None) -> None:
         where = f"{path}:{line}:" if column is None else f"{path}:{line}:{column}:"
-        super().__init__(f"{where} {reason}")
+        super().__init__(f"{where} {reason}", "keys")
         self.path = path
         self.line = line
         self.column = column
-        self.reason = reason
+        self.why = reason
 
 
 class _Invalid(ValueError):

@@ -207,7 +207,7 @@ def test_a_bad_file_is_one_line_naming_file_line_and_reason(
     assert isinstance(error, SSERelayError)
     assert error.line == line, str(error)
     assert error.path == "conf/keys.toml"
-    assert reason in error.reason
+    assert reason in error.why
     message = str(error)
     assert re.fullmatch(rf"conf/keys\.toml:{line}:(\d+:)? .+", message), message
     assert "\n" not in message and "\r" not in message
@@ -273,7 +273,7 @@ def test_the_line_of_an_unknown_field_is_exact_in_any_layout(case: tuple[str, in
     with pytest.raises(KeysFileError) as caught:
         KeyRing.from_toml(text, "k")
     assert caught.value.line == line
-    assert "unknown field 'bogus'" in caught.value.reason
+    assert "unknown field 'bogus'" in caught.value.why
 
 
 # --------------------------------------------------------------------------- finding a key
