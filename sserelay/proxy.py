@@ -33,7 +33,7 @@ from .asgi import (
     uncancel,
     watch_disconnect,
 )
-from .errors import ClientDisconnected, UpstreamError, UpstreamTimeout
+from .errors import ClientDisconnected, RequestError, UpstreamError, UpstreamTimeout
 from .formats import PayloadMeter
 from .meter import ClientMeter, Meter
 from .prices import PriceList
@@ -101,6 +101,14 @@ class Proxy(RequestEndpoint):
         if self.closed:
             busy = "already proxied its one request (--once)" if self.once else "shutting down"
             await PlainTextResponse(f"sserelay: {busy}\n", status_code=503)(scope, receive, send)
+            return
+        try:
+            # Refused before it is billed and before any upstream connection.
+            self.upstream.url_for(scope.get("raw_path") or scope["path"].encode(), b"")
+        except RequestError as exc:
+            await PlainTextResponse(f"sserelay: bad request: {exc}\n", status_code=400)(
+                scope, receive, send
+            )
             return
         await self._bill_request(
             scope,
