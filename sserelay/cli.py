@@ -562,7 +562,8 @@ def _mock_run(
     once: bool,
 ) -> _MockRun:
     """The `serve --as` run: a file (or recording) is read anew for each request,
-    stdin once and kept; each request is paced on its own, by a new `pacer()`."""
+    stdin (or a pipe, a FIFO) once and kept; each request is paced on its own, by a
+    new `pacer()`."""
     from .errors import SourceError
     from .mock import FileText, SharedText
     from .replay import RecordingSource, looks_like_recording
@@ -585,7 +586,7 @@ def _mock_run(
             f"--realtime replays a recording's timing; {first.name} is plain text, which has none"
         )
     text: Text
-    if first.name == "stdin":
+    if not recording and not first.rereadable:  # stdin, a pipe, a FIFO: read once and kept
         text = SharedText(first)
     else:
         sources = iter([first])

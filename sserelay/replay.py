@@ -16,6 +16,8 @@ Two views of the same recording:
 from __future__ import annotations
 
 import codecs
+import os
+import stat
 from collections.abc import AsyncIterator
 
 from .chunking import LineSplitter
@@ -29,10 +31,16 @@ MAX_RECORDING_BYTES = 256 * 1024 * 1024
 
 
 def looks_like_recording(path: str) -> bool:
-    """Whether `path` is a regular file whose first line is a recording's header."""
+    """Whether `path` is a regular file whose first line is a recording's header.
+
+    Nothing else is opened here (a pipe, a FIFO, `/dev/fd/N` of `<(...)`, a
+    device): reading its first line would consume it, and opening a FIFO waits
+    for a writer. Such a source is text."""
     if path in ("", "-"):
         return False
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as file:
             first = file.readline(64 * 1024)
     except OSError:

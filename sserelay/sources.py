@@ -69,7 +69,15 @@ class TextSource:
             if path in (None, "-"):
                 self._file: BinaryIO = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
             else:
-                self._file = open(str(path), "rb", buffering=0)
+                # O_NONBLOCK: a FIFO with no writer yet opens at once instead of waiting
+                # for one (reads start only when a client asks, through the event loop).
+                fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    os.set_blocking(fd, True)
+                    self._file = open(fd, "rb", buffering=0)
+                except OSError:  # a directory: open() refuses it, leaving `fd` to us
+                    os.close(fd)
+                    raise
             mode = os.fstat(self._file.fileno()).st_mode
         except OSError as exc:
             raise SourceError(f"cannot open {self.name}: {exc.strerror or exc}") from exc
@@ -80,6 +88,12 @@ class TextSource:
     @property
     def invalid_utf8_bytes(self) -> int:
         return self._splitter.invalid_utf8_bytes
+
+    @property
+    def rereadable(self) -> bool:
+        """Whether opening the path again reads the same text from the start: a regular
+        file, not stdin, a pipe, a FIFO or a device (which give their text once)."""
+        return self._regular and self.name != "stdin"
 
     async def batches(self) -> AsyncIterator[list[str]]:
         reads = self._thread_reads() if self._regular else self._loop_reads()
