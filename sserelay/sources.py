@@ -65,6 +65,8 @@ class TextSource:
     def __init__(self, path: str | None = None, chunk: str = "line") -> None:
         self.name = "stdin" if path in (None, "-") else str(path)
         self._splitter = splitter_for(chunk)
+        if self.name == "stdin" and sys.stdin is None:  # started with fd 0 closed (`<&-`)
+            raise SourceError("cannot read stdin: it is closed (give a SOURCE, or pipe one in)")
         try:
             if path in (None, "-"):
                 self._file: BinaryIO = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
