@@ -55,6 +55,16 @@ def _query(scope: Scope, name: str) -> str | None:
     return values[-1] if values else None
 
 
+def _credentials_given_twice(scope: Scope) -> bool:
+    """Whether the request has two Authorization headers, or two `token` parameters.
+
+    RFC 9110 §11.6.2: Authorization holds one credential, not a list (§5.3), so two
+    make the request malformed."""
+    authorizations = sum(1 for key, _ in scope["headers"] if key == b"authorization")
+    tokens = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
+    return authorizations > 1 or len(tokens) > 1
+
+
 def _abort(scope: Scope) -> Callable[[], None] | None:
     """The connection's hard close, where the server offers it (see server.py)."""
     abort = scope.get("extensions", {}).get("sserelay.abort", {}).get("abort")
@@ -138,15 +148,23 @@ class StreamSession:
         if scope["method"] == "OPTIONS":  # a CORS preflight (fetch() with a header)
             return Response(status_code=204, headers=self._preflight_headers())
         cors = {k.decode(): v.decode("latin-1") for k, v in self._cors}
-        if scope["method"] == "HEAD":  # the headers a GET would get; no stream, no client
-            headers = {k.decode(): v.decode() for k, v in SSE_HEADERS}
-            return Response(status_code=200, headers={**headers, **cors})
+        if self.access.token is not None and _credentials_given_twice(scope):
+            # Not a 401: the client did send credentials. But which counts is ambiguous
+            # (a proxy in front may check the first, another server the last).
+            return PlainTextResponse(
+                "sserelay: bad request: more than one Authorization header or ?token=\n",
+                status_code=400,
+                headers=cors,
+            )
         if not self._authorized(scope):
             return PlainTextResponse(
                 "sserelay: unauthorized: send Authorization: Bearer TOKEN or ?token=TOKEN\n",
                 status_code=401,
                 headers={**cors, "WWW-Authenticate": "Bearer"},
             )
+        if scope["method"] == "HEAD":  # the headers a GET would get; no stream, no client
+            headers = {k.decode(): v.decode() for k, v in SSE_HEADERS}
+            return Response(status_code=200, headers={**headers, **cors})
         if self.finished.is_set():
             return PlainTextResponse(
                 "sserelay: the stream is over\n", status_code=503, headers=cors
