@@ -9,6 +9,7 @@
     ├── UpstreamError          the upstream refused, timed out, failed or died mid-stream
     │   └── UpstreamTimeout    ... by not connecting or not sending within its timeout
     ├── NoFlushError           a sink that cannot flush was handed to stream_sse()
+    ├── RequestError           a client's request is refused as sent (400)
     ├── ClientDisconnected     the client went away; carries what it had received
     └── Interrupted            the run was stopped (Ctrl-C, SIGTERM) while a stream was open
 
@@ -65,6 +66,11 @@ class UpstreamError(SSERelayError):
 
 class UpstreamTimeout(UpstreamError):
     """The upstream did not accept a connection, or sent nothing, within its timeout."""
+
+
+class RequestError(SSERelayError):
+    """A client's request that sserelay refuses as sent (answered 400): a proxied path
+    that would leave the upstream's base path."""
 
 
 class NoFlushError(SSERelayError):

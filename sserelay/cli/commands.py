@@ -151,6 +151,7 @@ def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
     from sserelay.http.server import run_event_loop
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
+    _fill_closed_std_fds()
     try:
         result = run_event_loop(_serve_live(config, console, quiet))
     except ConfigError as exc:
@@ -225,6 +226,18 @@ def _finish(console: Console, result: RunResult, as_json: bool) -> NoReturn:
     if bill.reason == "interrupted" and result.signal == signal.SIGTERM:
         sys.exit(EXIT_SIGTERM)
     sys.exit(EXIT_CODES.get(bill.reason, EXIT_ERROR))
+
+
+def _fill_closed_std_fds() -> None:
+    """Started with stdin, stdout or stderr closed (`<&-`), the next descriptor opened
+    (the event loop's own) would take its number, and libuv aborts when it closes one
+    of 0-2: give each closed one /dev/null first. Python has already seen the closed
+    stdin as `sys.stdin is None`, which the source reports in one line."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
 
 
 def _silence_stdout() -> None:

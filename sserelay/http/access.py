@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from starlette.types import Scope
 
-from sserelay.http.asgi import header_values, query_value
+from sserelay.http.asgi import header_values, query_values
 from sserelay.metering.reason import Reason
 
 #: Headers that may carry a client's secret, as SDKs send them (lower case).
@@ -57,9 +57,11 @@ def presented_secret(scope: Scope) -> str | None:
             if value:
                 found.append(value)
     for param in SECRET_PARAMS:
-        given = query_value(scope, param)
-        if given:
-            found.append(given)
+        given = query_values(scope, param)
+        if len(given) > 1:
+            raise AmbiguousCredentials(f"the request has {len(given)} {param} parameters")
+        if given and given[0]:
+            found.append(given[0])
     if len(set(found)) > 1:
         raise AmbiguousCredentials("the request presents two different credentials")
     return found[0] if found else None

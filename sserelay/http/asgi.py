@@ -176,9 +176,14 @@ def header(scope: Scope, name: bytes) -> str | None:
     return values[0] if values else None
 
 
+def query_values(scope: Scope, name: str) -> list[str]:
+    """Every value of the query parameter `name`, in order."""
+    return parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name, [])
+
+
 def query_value(scope: Scope, name: str) -> str | None:
     """The last value of the query parameter `name`, if it was sent."""
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    values = query_values(scope, name)
     return values[-1] if values else None
 
 

@@ -15,12 +15,9 @@ or without it fits.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -52,7 +49,8 @@ from sserelay.providers.answers import (
     read_request,
 )
 from sserelay.sources.pacing import Counted, Pacer, paced
-from sserelay.sources.text import Batch, TimedBatch
+from sserelay.sources.shared import Pass, Text
+from sserelay.sources.text import TimedBatch
 from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 from sserelay.wire.frames import Frames
 from sserelay.wire.sse import Event, encode_event
@@ -65,108 +63,6 @@ COMPLETION_PATHS = {
     "anthropic": "/v1/messages",
     "openai-responses": "/v1/responses",
 }
-
-
-class Text(Protocol):
-    """The text the mock answers with. `open()` starts a fresh pass over it (a
-    SourceError if it cannot): an async iterator of the chunks each read made
-    ready; closing it stops the read."""
-
-    @property
-    def invalid_utf8_bytes(self) -> int: ...
-
-    def open(self) -> AsyncGenerator[Batch, None]: ...
-
-
-class ChunkSource(Protocol):
-    """A chunk source (sserelay.sources.text), read once."""
-
-    @property
-    def invalid_utf8_bytes(self) -> int: ...
-
-    def batches(self) -> AsyncIterator[Batch]: ...
-
-
-class FileText:
-    """A file, read anew for each request (`source` opens it)."""
-
-    def __init__(self, source: Callable[[], ChunkSource]) -> None:
-        self._source = source
-        self.invalid_utf8_bytes = 0
-
-    def open(self) -> AsyncGenerator[Batch, None]:
-        # Opened now: a file gone since the start is a SourceError before any answer.
-        return self._read(self._source())
-
-    async def _read(self, source: ChunkSource) -> AsyncGenerator[Batch, None]:
-        batches = source.batches()
-        try:
-            async for batch in batches:
-                yield batch
-        finally:
-            await _aclose(batches)
-            # Every pass reads the same file: the count is the file's, not a sum.
-            self.invalid_utf8_bytes = max(self.invalid_utf8_bytes, source.invalid_utf8_bytes)
-
-
-class SharedText:
-    """Standard input, read once to its end (from the first request on) and kept:
-    every request gets all of it from the start, live while it is still arriving.
-    The whole text stays in memory."""
-
-    def __init__(self, source: ChunkSource) -> None:
-        self._source = source
-        self._chunks: list[Batch] = []
-        self._done = False
-        self._error: SourceError | None = None
-        self._grown = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def invalid_utf8_bytes(self) -> int:
-        return self._source.invalid_utf8_bytes
-
-    async def _read(self) -> None:
-        batches = self._source.batches()
-        try:
-            async for batch in batches:
-                self._chunks.append(batch)
-                self._wake()
-        except SourceError as exc:
-            self._error = exc
-        finally:
-            self._done = True
-            self._wake()
-            await _aclose(batches)
-
-    def _wake(self) -> None:
-        self._grown.set()
-        self._grown = asyncio.Event()
-
-    def open(self) -> AsyncGenerator[Batch, None]:
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read())
-        return self._replay()
-
-    async def _replay(self) -> AsyncGenerator[Batch, None]:
-        sent = 0
-        while True:
-            if sent < len(self._chunks):
-                sent += 1
-                yield self._chunks[sent - 1]
-            elif self._done:
-                if self._error is not None:
-                    raise self._error
-                return
-            else:
-                await self._grown.wait()
-
-    async def aclose(self) -> None:
-        """Stop reading (at shutdown)."""
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
 
 
 class Mock(Endpoint):
@@ -262,7 +158,7 @@ class Mock(Endpoint):
         answer = new_answer(self.provider, request, secrets.token_hex(12), int(time.time()))
         prompt_tokens = sum(self.tokenizer.count(text) for text in request.prompt)
         try:
-            passes = self.text.open()
+            passes = await self.text.open()
         except SourceError as exc:
             await answer_error(send, 500, str(exc), self.provider)
             return Reason.INPUT_ERROR, str(exc)
@@ -299,7 +195,7 @@ class Mock(Endpoint):
         return [chunk + "\n" for chunk in batch] if self.line_ends else batch
 
     async def _stream(
-        self, answer: Answer, passes: AsyncGenerator[Batch, None], prompt_tokens: int
+        self, answer: Answer, passes: Pass, prompt_tokens: int
     ) -> AsyncIterator[Frames]:
         """The opening events at once, one event per chunk as each read makes it
         ready (or as the pacer says: each request is paced on its own), then the
@@ -328,7 +224,7 @@ class Mock(Endpoint):
         yield _frames(answer.end(prompt_tokens, completion_tokens))
 
     async def _whole(
-        self, answer: Answer, passes: AsyncGenerator[Batch, None], prompt_tokens: int
+        self, answer: Answer, passes: Pass, prompt_tokens: int
     ) -> AsyncIterator[Frames]:
         """One answer object once the text has ended (unpaced): one event, all its tokens."""
         parts: list[str] = []
@@ -340,12 +236,6 @@ class Mock(Endpoint):
         text = "".join(parts)
         tokens = self.tokenizer.counter().feed(text)
         yield Frames(encode_json(answer.whole(text, prompt_tokens, tokens)), 1, tokens)
-
-
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 def _frames(events: list[Event], tokens: int = 0) -> Frames:

@@ -23,7 +23,13 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from sserelay.errors import ClientDisconnected, Interrupted, UpstreamError, UpstreamTimeout
+from sserelay.errors import (
+    ClientDisconnected,
+    Interrupted,
+    RequestError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from sserelay.http.access import Access
 from sserelay.http.asgi import (
     MAX_REQUEST_BODY,
@@ -106,6 +112,14 @@ class Proxy(Endpoint):
         refusal = self.refusal(scope)
         if refusal is not None:
             await self.refuse(send, refusal, api)
+            return
+        try:
+            # Refused before it is billed and before any upstream connection.
+            self.upstream.url_for(scope.get("raw_path") or scope["path"].encode(), b"")
+        except RequestError as exc:
+            await answer_error(
+                send, 400, f"bad request: {exc}", api, headers=self.access.cors_headers
+            )
             return
         await self.serve_client(
             scope,

@@ -23,7 +23,7 @@ from typing import Any
 from sserelay.errors import ConfigError, OutputError
 from sserelay.http.config import Config, MockConfig, ProxyConfig, ServeConfig
 from sserelay.http.endpoint import Endpoint
-from sserelay.http.mock_app import COMPLETION_PATHS, FileText, Mock, SharedText, create_mock_app
+from sserelay.http.mock_app import COMPLETION_PATHS, Mock, create_mock_app
 from sserelay.http.proxy_app import Proxy, create_proxy_app
 from sserelay.http.server import bound_address, listen, serve_app
 from sserelay.http.stream_app import StreamSession, create_app, ui_page
@@ -36,6 +36,7 @@ from sserelay.record.recorder import Recorder
 from sserelay.record.replay import RecordingSource, ReplayCount, looks_like_recording
 from sserelay.secrecy import Redactor
 from sserelay.sources.pacing import Pacer
+from sserelay.sources.shared import FileText, SharedText
 from sserelay.sources.text import TextSource
 from sserelay.sources.upstream import Timeouts, Upstream
 from sserelay.streaming.hub import Hub
@@ -182,6 +183,15 @@ async def _serve(
     else:
         source = TextSource(config.source, config.chunk)
     _check_realtime(config.realtime, source.name, source.timed)
+    async with source:
+        async with _serve_source(config, tokenizer, meter, source) as served:
+            yield served
+
+
+@contextlib.asynccontextmanager
+async def _serve_source(
+    config: ServeConfig, tokenizer: Tokenizer, meter: Meter, source: TextSource | RecordingSource
+) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
     # A line is whole, so it is counted alone; words and raw reads are pieces
     # of one text, counted over the joined text (a word split in two is one token).
     count = tokenizer.count if config.chunk == "line" else tokenizer.counter().feed
@@ -222,8 +232,8 @@ def _print_tasks() -> None:
 async def _mock(
     config: MockConfig, tokenizer: Tokenizer, meter: Meter
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    """`serve --as`: a file (or recording) is read anew for each request, stdin once and
-    kept; each request is paced on its own, by a new Pacer."""
+    """`serve --as`: a file (or recording) is read anew for each request; stdin, a pipe or
+    a FIFO once and kept; each request is paced on its own, by a new Pacer."""
     recording = looks_like_recording(config.source)
 
     def open_source() -> TextSource | RecordingSource:
@@ -231,32 +241,45 @@ async def _mock(
             return RecordingSource(config.source, as_text=True)
         return TextSource(config.source, config.chunk)
 
-    first = open_source()  # opened now: a missing file fails before the start
-    _check_realtime(config.realtime, first.name, recording)
+    _check_realtime(config.realtime, config.source, recording)
+    async with contextlib.AsyncExitStack() as held:
+        first = open_source()
+        await held.enter_async_context(first)  # a missing file fails now, before listening
+        text: SharedText | FileText
+        if recording or first.rereadable:
+            await held.aclose()  # it opens; each request opens its own
+            text = FileText(open_source)
+        else:  # stdin, a pipe, a FIFO: read once and kept, closed at the end of the run
+            text = SharedText(first)
+            held.push_async_callback(text.aclose)
+        line_ends = config.chunk == "line" and not recording
+        async with _mock_text(config, tokenizer, meter, text, line_ends) as served:
+            yield served
+
+
+@contextlib.asynccontextmanager
+async def _mock_text(
+    config: MockConfig,
+    tokenizer: Tokenizer,
+    meter: Meter,
+    text: SharedText | FileText,
+    line_ends: bool,
+) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
+    """The mock over `text`; with `line_ends`, each chunk is a line given back its `\\n`."""
     pacer = partial(Pacer, rate=config.rate, delay=config.delay, realtime=config.realtime)
-    text: SharedText | FileText
-    if first.name == "stdin":
-        text = SharedText(first)
-    else:
-        sources = iter([first])
-        text = FileText(lambda: next(sources, None) or open_source())
     mock = Mock(
         config.provider,
         text,
         meter,
         tokenizer=tokenizer,
-        line_ends=config.chunk == "line" and not recording,
+        line_ends=line_ends,
         pacer=pacer if pacer().active else None,
         heartbeat=config.heartbeat_s,
         once=config.once,
         access=config.access,
     )
     path = COMPLETION_PATHS[config.provider]
-    try:
-        yield mock, create_mock_app(mock), [f"mock {config.provider} API at POST {{url}}{path}"]
-    finally:
-        if isinstance(text, SharedText):
-            await text.aclose()
+    yield mock, create_mock_app(mock), [f"mock {config.provider} API at POST {{url}}{path}"]
 
 
 @contextlib.asynccontextmanager

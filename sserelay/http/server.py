@@ -20,9 +20,24 @@ from typing import Any, TypeVar
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from sserelay.errors import ListenError
+from sserelay.errors import ListenError, SSERelayError
 
 T = TypeVar("T")
+
+#: Bounds on a request head, which uvicorn's httptools protocol leaves unbounded: without
+#: them one connection grows the process without limit before any authentication. nginx
+#: and Apache allow about 8 KiB per line, Node.js 16 KiB in all; a gateway's keys and
+#: tokens fit well within these. Past a bound the answer is 414 (the URL) or 431.
+MAX_URL_BYTES = 16 * 1024
+MAX_HEADER_BYTES = 16 * 1024  # one header line, name and value
+MAX_HEAD_BYTES = 64 * 1024  # the request line and every header line
+MAX_HEADERS = 100
+#: A request head not complete this long after the connection (or its first byte) came
+#: closes the connection: half-sent requests must not hold descriptors for ever.
+HEAD_TIMEOUT = 10.0
+#: After a 414 or 431, what the client still sends is read and dropped this long, so it
+#: reads the answer rather than a reset (a close with unread data sends RST).
+REFUSAL_LINGER = 2.0
 
 
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
@@ -82,6 +97,21 @@ def bound_address(sock: socket.socket) -> Address:
     return Address(host, port)
 
 
+class _HeadRefused(SSERelayError):
+    """Raised in a parser callback to stop httptools once a head is refused (never escapes)."""
+
+
+#: The answers to a refused head: its status's reason phrase, and what was over which bound.
+_REFUSALS = {
+    414: (b"URI Too Long", f"the request URL is over {MAX_URL_BYTES} bytes"),
+    431: (
+        b"Request Header Fields Too Large",
+        f"the request head is over its bounds ({MAX_HEADERS} header lines of at most "
+        f"{MAX_HEADER_BYTES} bytes, {MAX_HEAD_BYTES} bytes in all)",
+    ),
+}
+
+
 class _HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus two ASGI extensions: `sserelay.abort`, whose
     `abort()` closes the connection at once with a reset, and `sserelay.connection`, whose
@@ -89,19 +119,118 @@ class _HttpProtocol(HttpToolsProtocol):
 
     A client that stops reading leaves a write waiting on a full socket; a
     plain close would wait for that data to drain, forever. The hub's
-    slow-client cut-off needs the hard close; ASGI itself has none."""
+    slow-client cut-off needs the hard close; ASGI itself has none.
+
+    It also bounds each request head (MAX_URL_BYTES, MAX_HEADER_BYTES,
+    MAX_HEAD_BYTES, MAX_HEADERS: 414 or 431, then close) and the time it may
+    take to arrive (HEAD_TIMEOUT, from the connection or the head's first
+    bytes: close). The timer runs only while a head is unfinished, so an
+    established stream pays nothing for it."""
+
+    # Per connection; set on the instance as the connection goes.
+    _in_head = True  # the next bytes belong to a request head (not to a body)
+    _head_bytes = 0
+    _headers_seen = 0
+    _refused = False
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering after a 414 or 431: read and dropped
+        if not self._in_head:  # a body
+            super().data_received(data)
+            return
+        if self._head_timer is None:  # a head begins (also a stray CRLF between requests)
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+        # httptools holds an unfinished header whole in memory: it is fed a head no
+        # further than its bound. (A head that starts in the read that ends a body may
+        # take that one read more.)
+        room = MAX_HEAD_BYTES - self._head_bytes
+        part = data if len(data) <= room else data[:room]
+        self._head_bytes += len(part)
+        super().data_received(part)
+        if len(part) == len(data) or self._refused or self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(431)
+        else:  # the head ended within its bound: the rest is its body or the next request
+            self.data_received(data[len(part) :])
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {"sserelay.abort": {"abort": self._abort}}
+        self._headers_seen = 0
+
+    def on_url(self, url: bytes) -> None:
+        # llhttp hands the URL over in pieces, at least one per read.
+        if len(self.url) + len(url) > MAX_URL_BYTES:
+            self._refuse(414)
+            raise _HeadRefused
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers_seen += 1
+        if self._headers_seen > MAX_HEADERS or len(name) + len(value) > MAX_HEADER_BYTES:
+            self._refuse(431)
+            raise _HeadRefused
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm_head_timer()
         super().on_headers_complete()
         # uvicorn's send() writes at once, or drops the write if the connection is gone:
         # asked right after a send, `open()` says which, with no turn of the event loop
         # (the sink would otherwise yield once per flush to learn of a disconnect).
         cycle = self.cycle
         self.scope["extensions"]["sserelay.connection"] = {"open": lambda: not cycle.disconnected}
+
+    def on_message_complete(self) -> None:
+        self._in_head = True  # what comes next is the next request's head
+        self._head_bytes = 0
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # A head refused in a callback stops httptools with an error; it has its answer.
+        if not self._refused:
+            super().send_400_response(msg)
+
+    def _refuse(self, status: int) -> None:
+        """Answer `status` with connection: close; drop what the client still sends
+        for REFUSAL_LINGER seconds (or until it closes), then close."""
+        self._refused = True
+        self._disarm_head_timer()
+        transport = self.transport
+        if self.cycle is not None and not self.cycle.response_complete:
+            # An earlier (pipelined) request's response is still being written.
+            transport.close()
+            return
+        phrase, message = _REFUSALS[status]
+        body = f"sserelay: {message}\n".encode()
+        transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+        )
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._head_timer = self.loop.call_later(REFUSAL_LINGER, transport.close)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self.transport.close()
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def _abort(self) -> None:
         sock = self.transport.get_extra_info("socket")

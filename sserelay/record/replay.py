@@ -15,6 +15,8 @@ Two views of the same recording:
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import AsyncIterator
 
 from sserelay.errors import RecordingError, SourceError
@@ -29,10 +31,16 @@ MAX_RECORDING_BYTES = 256 * 1024 * 1024
 
 
 def looks_like_recording(path: str) -> bool:
-    """Whether `path` is a regular file whose first line is a recording's header."""
+    """Whether `path` is a regular file whose first line is a recording's header.
+
+    Nothing else is opened here (a pipe, a FIFO, `/dev/fd/N` of `<(...)`, a
+    device): reading its first line would consume it, and opening a FIFO waits
+    for a writer. Such a source is text."""
     if path in ("", "-"):
         return False
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as file:
             first = file.readline(64 * 1024)
     except OSError:
@@ -46,6 +54,14 @@ class RecordingSource:
 
     timed = True
     invalid_utf8_bytes = 0
+    #: A recording is read whole at the start, and can be replayed again.
+    rereadable = True
+
+    async def __aenter__(self) -> RecordingSource:
+        return self  # read whole (and closed) when it was made
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
 
     def __init__(self, path: str, *, as_text: bool = False) -> None:
         self.name = path

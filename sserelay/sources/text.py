@@ -54,32 +54,76 @@ class Source(Protocol):
 
 
 class TextSource:
-    """The text of a file or of stdin (`path` None or "-"), split by `chunk`:
-    one chunk per `line` (the default), per `word`, or per `raw` read.
+    """The text of a file, a pipe, a FIFO or stdin (`path` None or "-"), split by
+    `chunk`: one chunk per `line` (the default), per `word`, or per `raw` read.
 
-    Opening happens in the constructor, so a missing file is an error before
-    the server starts. `batches()` yields the chunks each read completed."""
+    An async context manager: entering opens the path (SourceError if it cannot be,
+    so a missing file is an error before the server starts), leaving closes it.
+    `batches()` yields the chunks each read completed."""
 
     timed = False
 
     def __init__(self, path: str | None = None, chunk: str = "line") -> None:
         self.name = "stdin" if path in (None, "-") else str(path)
+        self._path = path
         self._splitter = splitter_for(chunk)
+        self._file: BinaryIO | None = None
+        self._regular = False
+
+    async def __aenter__(self) -> TextSource:
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Open the path now (it does not block, not even on a FIFO with no writer)."""
+        path = self._path
+        if self.name == "stdin" and sys.stdin is None:  # started with fd 0 closed (`<&-`)
+            raise SourceError("cannot read stdin: it is closed (give a SOURCE, or pipe one in)")
         try:
             if path in (None, "-"):
-                self._file: BinaryIO = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+                self._file = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
             else:
-                self._file = open(str(path), "rb", buffering=0)
+                # O_NONBLOCK: a FIFO with no writer yet opens at once instead of waiting
+                # for one (reads start only when a client asks, through the event loop).
+                fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    os.set_blocking(fd, True)
+                    self._file = open(fd, "rb", buffering=0)
+                except OSError:  # a directory: open() refuses it, leaving `fd` to us
+                    os.close(fd)
+                    raise
             mode = os.fstat(self._file.fileno()).st_mode
         except OSError as exc:
+            self.close()
             raise SourceError(f"cannot open {self.name}: {exc.strerror or exc}") from exc
         if stat.S_ISDIR(mode):
+            self.close()
             raise SourceError(f"cannot read {self.name}: is a directory")
         self._regular = stat.S_ISREG(mode)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def _fd(self) -> int:
+        if self._file is None:
+            raise SourceError(f"{self.name} is not open")
+        return self._file.fileno()
 
     @property
     def invalid_utf8_bytes(self) -> int:
         return self._splitter.invalid_utf8_bytes
+
+    @property
+    def rereadable(self) -> bool:
+        """Whether opening the path again reads the same text from the start: a regular
+        file, not stdin, a pipe, a FIFO or a device (which give their text once)."""
+        return self._regular and self.name != "stdin"
 
     async def batches(self) -> AsyncIterator[list[str]]:
         reads = self._thread_reads() if self._regular else self._loop_reads()
@@ -95,7 +139,7 @@ class TextSource:
             await reads.aclose()
 
     async def _thread_reads(self) -> AsyncGenerator[bytes, None]:
-        fd = self._file.fileno()
+        fd = self._fd
         while True:
             try:
                 data = await asyncio.to_thread(os.read, fd, READ_SIZE)
@@ -108,7 +152,7 @@ class TextSource:
     async def _loop_reads(self) -> AsyncGenerator[bytes, None]:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_SIZE)
-        fd = self._file.fileno()
+        fd = self._fd
         was_blocking = os.get_blocking(fd)
         try:
             transport, _ = await loop.connect_read_pipe(

@@ -12,13 +12,14 @@ UpstreamError with a one-line message that never holds a secret.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 import httpx
 
-from sserelay.errors import UpstreamError, UpstreamTimeout
+from sserelay.errors import RequestError, UpstreamError, UpstreamTimeout
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Models may think for minutes before their first byte; a read timeout is for dead upstreams.
@@ -52,6 +53,47 @@ def end_to_end(headers: Iterable[tuple[bytes, bytes]], drop: Iterable[bytes] = (
         if name == b"connection":
             dropped.update(token.strip().lower() for token in value.split(b","))
     return [(name, value) for name, value in pairs if name not in dropped]
+
+
+_ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
+#: Where an upstream may see a separator that sserelay does not: an encoded slash or
+#: backslash it decodes, a backslash it reads as a slash (Windows, some routers).
+_HIDDEN_SLASH = re.compile(rb"%2f|%5c|\\", re.IGNORECASE)
+
+
+def resolve_dot_segments(path: bytes) -> bytes:
+    """`path` (a request's raw path) with its `.` and `..` segments resolved as
+    RFC 3986 §5.2.4 (remove_dot_segments) says, `%2e` read as a dot, since nginx
+    and most servers decode it before they resolve; other segments stay as sent.
+
+    RequestError if a `..` climbs above the root (the path would leave whatever
+    it is joined to, as nginx refuses it), or if a segment hides a dot segment
+    that an upstream may find where sserelay does not: behind `%2F` or `%5C`
+    (which nginx and many frameworks decode into separators), a backslash, or a
+    `;parameter` (`..;x`, which Java servers read as `..`). Otherwise `%2F` is
+    data in its segment, as RFC 3986 §3.3 has it, and passes as sent; so does
+    anything encoded twice (`%252e`)."""
+    absolute = path.startswith(b"/")
+    segments = (path[1:] if absolute else path).split(b"/")
+    resolved: list[bytes] = []
+    for i, segment in enumerate(segments):
+        dots = _ENCODED_DOT.sub(b".", segment)
+        if dots in (b".", b".."):
+            if dots == b"..":
+                if not resolved:
+                    raise RequestError("the path climbs above its root with '..'")
+                resolved.pop()
+            if i == len(segments) - 1:
+                resolved.append(b"")  # `/a/b/..` is `/a/`
+            continue
+        for piece in _HIDDEN_SLASH.split(dots):
+            if piece.partition(b";")[0] in (b".", b".."):
+                raise RequestError(
+                    "a path segment hides a dot segment behind an encoded slash, "
+                    "a backslash or a ';'"
+                )
+        resolved.append(segment)
+    return (b"/" if absolute else b"") + b"/".join(resolved)
 
 
 def parse_header(line: str) -> tuple[str, str]:
@@ -124,8 +166,12 @@ class Upstream:
 
     def url_for(self, raw_path: bytes, query: bytes) -> httpx.URL:
         """The upstream URL for a client's path and query: `/` is the base URL
-        itself, any other path is appended to the base path; queries are joined."""
+        itself, any other path is appended to the base path; queries are joined.
+
+        The client's dot segments are resolved first (resolve_dot_segments()); a
+        path that would leave the base path that way is a RequestError."""
         base_path = self.base.raw_path.partition(b"?")[0]
+        raw_path = resolve_dot_segments(raw_path)
         if raw_path in (b"", b"/"):
             path = base_path
         else:

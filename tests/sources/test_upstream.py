@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from sserelay.errors import UpstreamError, UpstreamTimeout
+from sserelay.errors import RequestError, UpstreamError, UpstreamTimeout
 from sserelay.sources.upstream import Timeouts, Upstream, end_to_end, parse_header, redact_url
 from tests.conftest import run_bounded as run
 
@@ -38,6 +38,43 @@ def test_client_path_and_query_join_the_upstream_url(
     base: str, path: bytes, query: bytes, url: str
 ) -> None:
     assert str(Upstream(base).url_for(path, query)) == url
+
+
+@pytest.mark.parametrize(
+    ("path", "url"),
+    [
+        (b"/chat/../completions", "http://h:1/v1/completions"),
+        (b"/chat/%2e%2E/models", "http://h:1/v1/models"),
+        (b"/chat/./x", "http://h:1/v1/chat/x"),
+        (b"/a/b/..", "http://h:1/v1/a/"),
+        (b"/a/..", "http://h:1/v1"),  # `/`: the base URL itself
+        (b"/a%2F..b/c", "http://h:1/v1/a%2F..b/c"),  # `%2F` is data; `..b` is no dot segment
+        (b"/x/.../y", "http://h:1/v1/x/.../y"),
+    ],
+)
+def test_dot_segments_are_resolved_within_the_base_path(path: bytes, url: str) -> None:
+    assert str(Upstream("http://h:1/v1").url_for(path, b"")) == url
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/../../etc/passwd",
+        b"/chat/../../admin",
+        b"/a/../..",
+        b"/%2e%2e/%2E%2E/etc/passwd",
+        b"/%2E./admin",
+        b"/.%2e/admin",
+        b"/..%2f..%2fadmin",
+        b"/x/..%5C..%5Cadmin",
+        b"/x/..\\admin",
+        b"/..;/admin",
+        b"/x/.%2e;jsessionid=1/admin",
+    ],
+)
+def test_a_path_that_leaves_the_base_path_is_refused(path: bytes) -> None:
+    with pytest.raises(RequestError):
+        Upstream("http://h:1/v1").url_for(path, b"")
 
 
 @pytest.mark.parametrize("url", ["ftp://h/", "h:1/v1", "http:///nohost", "not a url"])
