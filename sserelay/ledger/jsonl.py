@@ -22,16 +22,12 @@ from typing import Any, TypeVar
 
 from . import lines
 from .base import MAX_QUEUED, Clock, QueuedLedger, Warn, utc_now
-from .errors import LedgerError
+from .errors import LedgerError, make_parents, one_line
 from .row import UsageRow
 from .schema import is_dead
 from .store import StoreUnavailable, Write
 
 T = TypeVar("T")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class JSONLinesStore:
@@ -67,7 +63,7 @@ class JSONLinesStore:
             while data:  # a regular file takes it whole unless the disk fills mid-way
                 data = data[os.write(self._fd, data) :]
         except OSError as exc:
-            raise StoreUnavailable(_one_line(exc)) from exc
+            raise StoreUnavailable(one_line(exc)) from exc
 
     def _lines(self) -> Iterator[bytes]:
         with open(self._path, "rb") as file:
@@ -79,7 +75,7 @@ class JSONLinesStore:
         try:
             state = lines.replay(self._lines(), str(self._path))
         except OSError as exc:
-            raise StoreUnavailable(_one_line(exc)) from exc
+            raise StoreUnavailable(one_line(exc)) from exc
         if state.bad_lines:
             self._warn(f"ledger {self._path}: skipped {state.bad_lines} unreadable lines")
         return state
@@ -102,7 +98,7 @@ class JSONLinesStore:
                 with open(self._path, "rb") as file:
                     lines.check_header(file.readline(), str(self._path))
                 return
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            make_parents(self._path)
             self._fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             self._instance = instance
             size = os.fstat(self._fd).st_size
@@ -123,7 +119,7 @@ class JSONLinesStore:
             stale = [state.crashed(row) for row in state.open_rows() if row.instance == instance]
             self._append_crashed(stale, state, instance)
         except OSError as exc:
-            raise LedgerError(f"{where}: {_one_line(exc)}") from exc
+            raise LedgerError(f"{where}: {one_line(exc)}") from exc
         except StoreUnavailable as exc:
             raise LedgerError(f"{where}: {exc}") from exc
 

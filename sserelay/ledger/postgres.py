@@ -161,6 +161,7 @@ class PostgresStore:
         self._secrets = _secrets_of(url)
         self._timeout = timeout
         self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._connected_before = False
 
     @property
     def display(self) -> str:
@@ -191,7 +192,13 @@ class PostgresStore:
                 application_name="sserelay",
                 options="-c TimeZone=UTC",
             )
-        self._connection = connection
+        self._connection = connection  # from here on, a failure's _drop() closes it
+        if self._connected_before:
+            # a server back from a crash or a restore may have lost the tables: make sure
+            # of them again, so the queued rows have somewhere to go
+            async with asyncio.timeout(self._timeout):
+                await self._migrate(connection)
+        self._connected_before = True
         return connection
 
     async def _drop(self) -> None:

@@ -24,7 +24,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 from .base import MAX_QUEUED, Clock, QueuedLedger, Warn, utc_now
-from .errors import LedgerError
+from .errors import LedgerError, make_parents, one_line
 from .row import TIMESTAMP_COLUMNS, UsageRow, format_timestamp, parse_timestamp
 from .schema import (
     USAGE_COLUMNS,
@@ -126,10 +126,6 @@ def _row(values: Sequence[object]) -> UsageRow:
     return UsageRow(**named)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 class SQLiteStore:
     """The `Store` over one SQLite file; every method hops to the worker thread."""
 
@@ -171,7 +167,7 @@ class SQLiteStore:
                         connection.rollback()
                     except sqlite3.Error:
                         pass  # the error above is the one worth reporting
-                raise StoreUnavailable(_one_line(exc)) from exc
+                raise StoreUnavailable(one_line(exc)) from exc
 
         return await self._run(work)
 
@@ -186,20 +182,24 @@ class SQLiteStore:
 
     def _open(self, instance: str | None, at: datetime) -> None:
         where = f"cannot open ledger {self._path}"
+        if self._path.is_dir():
+            raise LedgerError(f"{where}: it is a directory")
         try:
             if instance is not None:
-                self._path.parent.mkdir(parents=True, exist_ok=True)
+                make_parents(self._path)
                 connection = sqlite3.connect(
                     self._path, timeout=self._busy_timeout, isolation_level=None
                 )
             else:
                 # a reader must not create an empty ledger where there is none
+                if not self._path.exists():
+                    raise LedgerError(f"{where}: no ledger there")
                 uri = f"file:{quote(str(self._path.resolve()))}?mode=rw"
                 connection = sqlite3.connect(
                     uri, uri=True, timeout=self._busy_timeout, isolation_level=None
                 )
         except (OSError, sqlite3.Error) as exc:
-            raise LedgerError(f"{where}: {_one_line(exc)}") from exc
+            raise LedgerError(f"{where}: {one_line(exc)}") from exc
         self._connection = connection
         try:
             row = connection.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -216,7 +216,7 @@ class SQLiteStore:
                 connection.execute(_CLOSE_OPEN_ROWS, (instance,))
                 connection.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise LedgerError(f"{where}: {_one_line(exc)}") from exc
+            raise LedgerError(f"{where}: {one_line(exc)}") from exc
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
         # IMMEDIATE: two processes opening a new file at once must not both create it
