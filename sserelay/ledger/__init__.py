@@ -18,10 +18,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Ledger, LedgerCloseReport, QueuedLedger, Warn, default_state_dir
+from .base import (
+    Ledger,
+    LedgerCloseReport,
+    QueuedLedger,
+    Warn,
+    default_state_dir,
+    new_instance_id,
+)
 from .errors import LedgerError
 from .jsonl import JSONLinesLedger
-from .row import UsageRow, is_valid_request_id, new_instance_id, new_request_id
+from .row import UsageRow, is_valid_request_id, new_request_id
 from .sqlite import SQLiteLedger
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")

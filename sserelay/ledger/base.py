@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import socket
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,12 @@ Clock = Callable[[], datetime]
 MAX_QUEUED = 100_000
 
 _log = logging.getLogger("sserelay.ledger")
+
+
+def new_instance_id() -> str:
+    """An id for this process's ledger writer: `HOST-PID-RANDOM`, unique among live
+    processes (the random part keeps a reused pid apart from its predecessor)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def utc_now() -> datetime:

@@ -6,8 +6,6 @@ SSERelayError
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import SSERelayError
 
 
@@ -25,11 +23,3 @@ def one_line(exc: BaseException) -> str:
     else:
         text = str(exc)
     return " ".join(text.split()) or type(exc).__name__
-
-
-def make_parents(path: Path) -> None:
-    """Create the directories above `path`; a file in the way is named as such."""
-    for parent in reversed(path.parents):
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(20, "Not a directory", str(parent))
-    path.parent.mkdir(parents=True, exist_ok=True)

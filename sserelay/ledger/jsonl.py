@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 
 from . import lines
 from .base import MAX_QUEUED, Clock, QueuedLedger, Warn, utc_now
-from .errors import LedgerError, make_parents, one_line
+from .errors import LedgerError, one_line
 from .row import UsageRow
 from .schema import is_dead
-from .store import StoreUnavailable, Write
+from .store import StoreUnavailable, Write, make_parents
 
 T = TypeVar("T")
 

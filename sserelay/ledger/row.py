@@ -7,9 +7,7 @@ shapes and a row read back compares equal to the row written.
 from __future__ import annotations
 
 import math
-import os
 import secrets
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -27,12 +25,6 @@ _TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 def new_request_id() -> str:
     """A fresh request id: `req_` and 24 random hex digits (96 bits)."""
     return "req_" + secrets.token_hex(12)
-
-
-def new_instance_id() -> str:
-    """An id for this process's ledger writer: `HOST-PID-RANDOM`, unique among live
-    processes (the random part keeps a reused pid apart from its predecessor)."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def is_valid_request_id(text: str) -> bool:

@@ -24,7 +24,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 from .base import MAX_QUEUED, Clock, QueuedLedger, Warn, utc_now
-from .errors import LedgerError, make_parents, one_line
+from .errors import LedgerError, one_line
 from .row import TIMESTAMP_COLUMNS, UsageRow, format_timestamp, parse_timestamp
 from .schema import (
     USAGE_COLUMNS,
@@ -35,7 +35,7 @@ from .schema import (
     spent_sql,
     upsert_sql,
 )
-from .store import StoreUnavailable, Write
+from .store import StoreUnavailable, Write, make_parents
 
 T = TypeVar("T")
 

@@ -6,6 +6,8 @@ outage queue, retries, the fallback file) is written once, in `base.py`.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -93,3 +95,11 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release the connection or file; never raises."""
         ...
+
+
+def make_parents(path: Path) -> None:
+    """Create the directories above `path`; a file in the way is named as such."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    path.parent.mkdir(parents=True, exist_ok=True)

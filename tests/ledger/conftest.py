@@ -118,15 +118,23 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.remove()
 
 
-_databases = itertools.count()
+@pytest.fixture(scope="session")
+def postgres_database(postgres_server: PostgresServer) -> str:
+    return postgres_server.create_database("ledger")
 
 
 @pytest.fixture
-def postgres_url(postgres_server: PostgresServer) -> str:
-    """A fresh, empty database on the session's server."""
+def postgres_url(postgres_server: PostgresServer, postgres_database: str) -> str:
+    """The session's database, emptied of any ledger (dropping the schema is ten times
+    quicker than making a database per test)."""
+    import psycopg
+
     if not postgres_server.service or not postgres_server.service.running:
         postgres_server.start()  # a test that crashed it and failed before restarting
-    return postgres_server.create_database(f"ledger_{next(_databases)}")
+    with psycopg.connect(postgres_database, autocommit=True) as pg:
+        pg.execute("SET lock_timeout = '5s'")
+        pg.execute("DROP SCHEMA IF EXISTS sserelay CASCADE")
+    return postgres_database
 
 
 @pytest.fixture(params=BACKENDS)
