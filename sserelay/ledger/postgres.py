@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import os
 import socket
 from collections.abc import Collection, Sequence
@@ -145,9 +146,11 @@ def _secrets_of(url: str) -> list[str]:
     return found
 
 
+_row_values = operator.attrgetter(*USAGE_COLUMNS[:-1])
+
+
 def _params(write: Write) -> tuple[object, ...]:
-    row = write.row
-    return (*(getattr(row, column) for column in USAGE_COLUMNS[:-1]), write.at)
+    return (*_row_values(write.row), write.at)
 
 
 class PostgresStore:

@@ -19,8 +19,6 @@ USAGE_SOURCES = ("reported", "metered")
 #: The longest request id kept; a client's own `x-request-id` longer than this is not used.
 MAX_ID_LENGTH = 200
 
-_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
 
 def new_request_id() -> str:
     """A fresh request id: `req_` and 24 random hex digits (96 bits)."""
@@ -38,7 +36,10 @@ def is_valid_request_id(text: str) -> bool:
 def format_timestamp(moment: datetime) -> str:
     """`2026-11-27T18:54:33.123456Z`: UTC, always six fractional digits, so that the text
     sorts as the instants do (SQLite and JSON Lines compare these strings)."""
-    return moment.astimezone(UTC).strftime(_TIMESTAMP_FORMAT)
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    # isoformat is twice as quick as strftime, and pads the year to four digits
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:
