@@ -10,8 +10,9 @@ A "request" is what the relay writes for one short stream: a start (its row) and
 under load, where the queue folds the calls that arrive during one transaction into the
 next (group commit), like a checkpoint. `one by one`: each start and each finish waits for
 its own transaction (an idle relay: the latency floor). `checkpoint`: one checkpoint of
-1,000 open rows (one transaction). Files go to a temp directory; the private PostgreSQL is
-durable (fsync and synchronous_commit on), like a real one, and stopped at the end.
+`--checkpoint` open rows (default 1,000), which is one transaction. Files go to a temp
+directory; the private PostgreSQL is durable (fsync and synchronous_commit on), like a real
+one, and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def count_transactions(ledger: QueuedLedger) -> list[int]:
     return batches
 
 
-async def measure(target: str, requests: int, batch: int, single: int) -> dict[str, float]:
+async def measure(
+    target: str, requests: int, batch: int, single: int, checkpoint: int
+) -> dict[str, float]:
     figures: dict[str, float] = {}
     async with open_ledger(target, instance="bench", on_warning=print) as ledger:
         batches = count_transactions(ledger)
@@ -104,7 +107,7 @@ async def measure(target: str, requests: int, batch: int, single: int) -> dict[s
             await ledger.finish(ended(row))
         figures["one_by_one_requests_per_s"] = single / (time.perf_counter() - began)
 
-        open_rows = rows(1000, base + timedelta(hours=2))
+        open_rows = rows(checkpoint, base + timedelta(hours=2))
         await asyncio.gather(*(ledger.start(row) for row in open_rows))
         timings = []
         for round_ in range(5):
@@ -112,10 +115,10 @@ async def measure(target: str, requests: int, batch: int, single: int) -> dict[s
             began = time.perf_counter()
             await ledger.checkpoint(figures_so_far)
             timings.append(time.perf_counter() - began)
-        figures["checkpoint_1000_ms"] = statistics.median(timings) * 1000
+        figures["checkpoint_ms"] = statistics.median(timings) * 1000
         await asyncio.gather(*(ledger.finish(ended(row)) for row in open_rows))
         stored = await ledger.query()
-        assert len(stored) == requests + single + 1000, len(stored)
+        assert len(stored) == requests + single + checkpoint, len(stored)
     return figures
 
 
@@ -124,6 +127,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="batched requests")
     parser.add_argument("--batch", type=int, default=100, help="requests starting together")
     parser.add_argument("--single", type=int, default=2_000, help="one-by-one requests")
+    parser.add_argument("--checkpoint", type=int, default=1000, help="rows per checkpoint")
     parser.add_argument("--postgres", metavar="URL", help="an existing (empty) database")
     parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--json", metavar="PATH", help="also write the figures here")
@@ -149,7 +153,13 @@ def main() -> int:
         try:
             for name, target in targets.items():
                 results[name] = asyncio.run(
-                    measure(target, options.requests, options.batch, options.single)
+                    measure(
+                        target,
+                        options.requests,
+                        options.batch,
+                        options.single,
+                        options.checkpoint,
+                    )
                 )
         finally:
             if server is not None:
@@ -161,7 +171,7 @@ def main() -> int:
         f"{options.single} one by one; {os.cpu_count()} cores, load average {load}"
     )
     header = f"{'backend':<10}{'batched req/s':>15}{'rows/tx':>9}{'1-by-1 req/s':>14}"
-    print(header + f"{'checkpoint 1000 rows':>22}")
+    print(header + f"{f'checkpoint {options.checkpoint} rows':>22}")
     for name, figures in results.items():
         if "note" in figures:
             print(f"{name:<10}  {figures['note']}")
@@ -170,7 +180,7 @@ def main() -> int:
             f"{name:<10}{figures['batched_requests_per_s']:>15,.0f}"
             f"{figures['rows_per_transaction']:>9.1f}"
             f"{figures['one_by_one_requests_per_s']:>14,.0f}"
-            f"{figures['checkpoint_1000_ms']:>19.1f} ms"
+            f"{figures['checkpoint_ms']:>19.1f} ms"
         )
     if options.json:
         Path(options.json).write_text(json.dumps(results, indent=2) + "\n")
