@@ -58,7 +58,10 @@ class JSONLinesStore:
     def _append(self, records: Sequence[dict[str, Any]]) -> None:
         if self._fd is None:
             raise StoreUnavailable("the ledger is closed")
-        data = memoryview(b"".join(lines.encode(record) for record in records))
+        try:
+            data = memoryview(b"".join(lines.encode(record) for record in records))
+        except ValueError as exc:  # rows are validated; one that was not stays queued
+            raise StoreUnavailable(one_line(exc)) from exc
         try:
             while data:  # a regular file takes it whole unless the disk fills mid-way
                 data = data[os.write(self._fd, data) :]

@@ -222,7 +222,7 @@ class PostgresStore:
                             await cursor.executemany(sql, params)
                         else:
                             await cursor.execute(sql, params)
-        except (psycopg.Error, OSError, TimeoutError) as exc:
+        except (psycopg.Error, OSError, TimeoutError, ValueError) as exc:
             await self._drop()
             raise StoreUnavailable(self._say(exc)) from exc
 
@@ -232,7 +232,7 @@ class PostgresStore:
             async with asyncio.timeout(self._timeout), connection.cursor() as cursor:
                 await cursor.execute(sql, params)
                 return await cursor.fetchall()
-        except (psycopg.Error, OSError, TimeoutError) as exc:
+        except (psycopg.Error, OSError, TimeoutError, ValueError) as exc:
             await self._drop()
             raise StoreUnavailable(self._say(exc)) from exc
 
@@ -250,7 +250,7 @@ class PostgresStore:
                             _REGISTER, (instance, socket.gethostname(), os.getpid(), at)
                         )
                         await connection.execute(_CLOSE_OPEN_ROWS, (instance,))
-        except (psycopg.Error, OSError, TimeoutError) as exc:
+        except (psycopg.Error, OSError, TimeoutError, ValueError) as exc:
             await self._drop()
             raise LedgerError(f"{where}: {self._say(exc)}") from exc
         except BaseException:
@@ -344,7 +344,7 @@ class PostgresStore:
                 for name in set(dead) - {instance}:
                     await connection.execute(_MARK_CRASHED, (name,))
                 return closed
-        except (psycopg.Error, OSError, TimeoutError) as exc:
+        except (psycopg.Error, OSError, TimeoutError, ValueError) as exc:
             await self._drop()
             raise StoreUnavailable(self._say(exc)) from exc
 

@@ -7,6 +7,7 @@ shapes and a row read back compares equal to the row written.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -57,6 +58,8 @@ class UsageRow:
     """What one request was billed, as a ledger stores it.
 
     Open while `ended_at` and `reason` are None (both are set together when it ends).
+    Text that no backend could store (NUL, lone surrogates) is replaced by U+FFFD, so a
+    hostile client's model name cannot stop the ledger; a request id must be printable.
     `input_tokens`, `output_tokens` and `cached_tokens` are what the upstream *reported*:
     None when it reported nothing, never 0 for "unknown". `cost` is None when unpriced.
     Datetimes must be aware; they are kept in UTC.
@@ -99,12 +102,18 @@ class UsageRow:
             # frozen: normalising to UTC here is the one write a row ever takes
             object.__setattr__(self, name, moment.astimezone(UTC))
         for name in ("client", "method", "path", "tokenizer", "instance"):
-            if not isinstance(getattr(self, name), str):
+            value = getattr(self, name)
+            if not isinstance(value, str):
                 raise ValueError(f"{name} must be a string")
+            if not value.isascii() or "\0" in value:
+                object.__setattr__(self, name, storable_text(value))
         for name in ("key", "model", "reason", "last_event_id"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a string or None")
+            if value is not None:
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} must be a string or None")
+                if not value.isascii() or "\0" in value:
+                    object.__setattr__(self, name, storable_text(value))
         for name in ("tokens", "events", "bytes"):
             _check_count(name, getattr(self, name))
         for name in ("input_tokens", "output_tokens", "cached_tokens"):
@@ -164,9 +173,24 @@ class UsageRow:
         return cls(**values)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+#: The largest count a row holds: a signed 64-bit integer, what SQLite and PostgreSQL store.
+MAX_COUNT = 2**63 - 1
+
+
 def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be a whole number from 0 to 2**63-1, not {value!r}")
+
+
+def storable_text(text: str) -> str:
+    """`text` with what no backend can store replaced by U+FFFD: NUL (PostgreSQL's text
+    refuses it) and lone surrogates (not UTF-8 at all). A client's model name or path is
+    hostile input; one bad row must never stop a ledger from writing the others."""
+    if "\0" in text:
+        text = text.replace("\0", "\ufffd")
+    return _SURROGATE.sub("\ufffd", text)
 
 
 #: The columns, in order: the user-facing names of `sserelay usage --json` and of the tables.

@@ -165,7 +165,9 @@ class SQLiteStore:
                 raise StoreUnavailable("the ledger is closed")
             try:
                 return call(connection)
-            except sqlite3.Error as exc:
+            # ValueError, OverflowError: a value sqlite3 cannot bind; rows are validated
+            # so that none reaches here, but one that did must not escape the queue's care
+            except (sqlite3.Error, ValueError, OverflowError) as exc:
                 if connection.in_transaction:
                     try:
                         connection.rollback()

@@ -426,3 +426,22 @@ def test_heartbeat_and_a_clean_close(backend: Backend) -> None:
 
     run(scenario())
     assert backend.warnings == []
+
+
+def test_hostile_text_is_stored_as_replacement_characters_not_refused(backend: Backend) -> None:
+    hostile = make_row(model="gpt\x00-4o", path="/v1/\udc80chat", key="k\x00", client="\x00:1")
+
+    async def scenario() -> list[UsageRow]:
+        async with backend.ledger("a") as ledger:
+            await ledger.start(hostile)
+            await ledger.finish(replace(hostile, reason="complete", ended_at=T0))
+            return await ledger.query()
+
+    (stored,) = run(scenario())
+    assert (stored.model, stored.path, stored.key, stored.client) == (
+        "gpt\ufffd-4o",
+        "/v1/\ufffdchat",
+        "k\ufffd",
+        "\ufffd:1",
+    )
+    assert backend.warnings == []

@@ -85,6 +85,7 @@ def test_to_json_gives_iso_utc_text_and_from_json_gives_the_row_back() -> None:
         ({"reason": "complete"}, "together"),
         ({"ended_at": T0}, "together"),
         ({"model": 4}, "model"),
+        ({"tokens": 2**63}, "2\\*\\*63-1"),
     ],
 )
 def test_a_bad_row_is_refused_when_made(changes: dict[str, Any], complaint: str) -> None:
