@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from . import lines
-from .errors import LedgerError
+from .errors import LedgerError, one_line
 from .row import UsageRow
 from .store import Store, StoreUnavailable, Write, WriteKind
 
@@ -68,8 +68,8 @@ class LedgerCloseReport:
     """What `close()` could not do cleanly.
 
     `unwritten`: rows the store never took; they are in `fallback_path` (a JSON Lines
-    ledger). If even that file could not be written, `fallback_path` is None and `error`
-    says why: those rows are lost, and the caller must say so. `left_open`: rows started
+    ledger). If that file could not be written (or not all of it), `error` says why and
+    the rows it lacks are lost: the caller must say so. `left_open`: rows started
     and never finished; they stay open in the store until a `recover()` closes them as
     `crashed`."""
 
@@ -155,6 +155,7 @@ class QueuedLedger:
         self._fallback_path: Path | None = None
         self._fallback_rows = 0
         self._fallback_error: str | None = None
+        self._lost_rows = 0
 
     # ------------------------------------------------------------------ properties
 
@@ -212,22 +213,25 @@ class QueuedLedger:
                 await self._retry_task
             self._retry_task = None
         async with self._lock:
-            if self._pending:
-                try:
-                    await self._store.write(list(self._pending.values()))
+            try:
+                if self._pending:
+                    try:
+                        await self._store.write(list(self._pending.values()))
+                        self._pending.clear()
+                        self._down = None
+                    except StoreUnavailable as exc:
+                        self._down = str(exc)
+                if self._pending:
+                    spilled = await self._spill(list(self._pending.values()))
+                    self._lost_rows += len(self._pending) - len(spilled)
                     self._pending.clear()
-                    self._down = None
-                except StoreUnavailable as exc:
-                    self._down = str(exc)
-            if self._pending:
-                await self._spill(list(self._pending.values()))
-                self._pending.clear()
-            if self._instance is not None and self._down is None:
-                with contextlib.suppress(StoreUnavailable):
-                    await self._store.end_instance(self._instance, self._clock())
-            await self._store.close()
+                if self._instance is not None and self._down is None:
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._store.end_instance(self._instance, self._clock())
+            finally:
+                await self._store.close()
         return LedgerCloseReport(
-            unwritten=self._fallback_rows,
+            unwritten=self._fallback_rows + self._lost_rows,
             fallback_path=self._fallback_path,
             error=self._fallback_error,
             left_open=len(self._open_rows),
@@ -459,7 +463,7 @@ class QueuedLedger:
         try:
             path = await asyncio.to_thread(self._append_fallback, data)
         except OSError as exc:
-            self._fallback_error = f"cannot write a fallback file: {exc}"
+            self._fallback_error = f"cannot write a fallback file: {one_line(exc)}"
             return ()
         self._fallback_path = path
         self._fallback_rows += len(writes)

@@ -251,3 +251,28 @@ def test_past_the_queue_bound_finished_rows_are_spilled_not_dropped(tmp_path: Pa
             return await reader.query()
 
     assert run(read_back()) == rows
+
+
+def test_when_no_fallback_file_can_be_written_the_report_says_the_rows_are_lost(
+    tmp_path: Path,
+) -> None:
+    rows = [replace(big_row(), reason="complete", ended_at=T0) for _ in range(3)]
+
+    def no_space(data: bytes) -> Path:
+        raise OSError(28, "No space left on device", str(tmp_path))
+
+    async def scenario() -> tuple[int, Path | None, str | None]:
+        ledger = opened(tmp_path / "usage.db", on_warning=lambda _: None, retry=(10.0, 10.0))
+        ledger._append_fallback = no_space  # type: ignore[method-assign]
+        await ledger.open()
+        await fill_the_disk(ledger)
+        for row in rows:
+            await ledger.finish(row)
+        report = await ledger.close()
+        return report.unwritten, report.fallback_path, report.error
+
+    assert run(scenario()) == (
+        3,
+        None,
+        f"cannot write a fallback file: No space left on device: {tmp_path}",
+    )
