@@ -13,6 +13,7 @@ corrupted by it. That is the trade a ledger checkpointed every second can take.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import operator
 import os
 import socket
@@ -258,7 +259,8 @@ class SQLiteStore:
                 )
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # the error being raised is the news
+                connection.execute("ROLLBACK")
             raise
 
     # ------------------------------------------------------------------ writes
