@@ -9,6 +9,7 @@ import pytest
 from sserelay.errors import SSERelayError
 from sserelay.ledger import (
     JSONLinesLedger,
+    Ledger,
     LedgerError,
     SQLiteLedger,
     default_ledger_path,
@@ -34,6 +35,13 @@ def test_the_target_picks_the_backend(target: str, kind: type, display: str) -> 
     assert isinstance(ledger, kind)
     assert ledger.display == display
     assert ledger.instance == "a"
+
+
+def test_every_backend_is_a_ledger_to_mypy() -> None:
+    ledgers: list[Ledger] = [
+        open_ledger(target, instance="a") for target in ("a.db", "a.jsonl", "postgres://h/d")
+    ]
+    assert len({type(ledger) for ledger in ledgers}) == 3
 
 
 def test_a_home_path_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
