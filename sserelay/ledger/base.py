@@ -444,10 +444,13 @@ class QueuedLedger:
         if not finished:
             return
         first = self._fallback_path is None
-        written = await self._spill(finished)
-        for write in written:
-            if self._pending.get(write.row.row_key) is write:
-                del self._pending[write.row.row_key]
+        # out of the queue before the await, so that a second caller meanwhile does not
+        # spill them again; back in if the file cannot take them
+        for write in finished:
+            del self._pending[write.row.row_key]
+        if not await self._spill(finished):
+            for write in finished:
+                self._pending.setdefault(write.row.row_key, write)
         if first and self._fallback_path is not None:
             self._warn(
                 f"ledger {self.display}: more than {self._max_queued} rows waiting; "

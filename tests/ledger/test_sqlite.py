@@ -276,3 +276,19 @@ def test_when_no_fallback_file_can_be_written_the_report_says_the_rows_are_lost(
         None,
         f"cannot write a fallback file: No space left on device: {tmp_path}",
     )
+
+
+def test_concurrent_finishes_past_the_bound_spill_each_row_once(tmp_path: Path) -> None:
+    rows = [replace(big_row(), reason="complete", ended_at=T0) for _ in range(30)]
+
+    async def scenario() -> tuple[int, Path | None]:
+        ledger = opened(tmp_path / "usage.db", on_warning=lambda _: None, max_queued=3)
+        await ledger.open()
+        await fill_the_disk(ledger)
+        await asyncio.gather(*(ledger.finish(row) for row in rows))
+        report = await ledger.close()
+        return report.unwritten, report.fallback_path
+
+    unwritten, fallback = run(scenario())
+    assert unwritten == 30 and fallback is not None
+    assert len(fallback.read_text().splitlines()) == 1 + 30  # the meta line and each row once
