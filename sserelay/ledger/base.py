@@ -150,6 +150,7 @@ class QueuedLedger:
         self._open_rows: set[tuple[str, str, datetime]] = set()
         self._pending: dict[tuple[str, str, datetime], Write] = {}
         self._lock = asyncio.Lock()
+        self._spill_lock = asyncio.Lock()
         self._down: str | None = None
         self._retry_task: asyncio.Task[None] | None = None
         self._fallback_path: Path | None = None
@@ -463,14 +464,15 @@ class QueuedLedger:
         stored; on failure none, with the reason kept for the close report."""
         by = self._instance or "reader"
         data = b"".join(lines.encode(lines.write_record(write, by)) for write in writes)
-        try:
-            path = await asyncio.to_thread(self._append_fallback, data)
-        except OSError as exc:
-            self._fallback_error = f"cannot write a fallback file: {one_line(exc)}"
-            return ()
-        self._fallback_path = path
-        self._fallback_rows += len(writes)
-        return writes
+        async with self._spill_lock:  # one file, made once, appended to in turn
+            try:
+                path = await asyncio.to_thread(self._append_fallback, data)
+            except OSError as exc:
+                self._fallback_error = f"cannot write a fallback file: {one_line(exc)}"
+                return ()
+            self._fallback_path = path
+            self._fallback_rows += len(writes)
+            return writes
 
     def _append_fallback(self, data: bytes) -> Path:
         if self._fallback_path is not None:
@@ -478,7 +480,10 @@ class QueuedLedger:
                 file.write(data)
             return self._fallback_path
         stamp = self._clock().strftime("%Y%m%dT%H%M%SZ")
-        name = f"sserelay-unwritten-{self._instance or 'reader'}-{stamp}.jsonl"
+        # the random part: two ledgers of one instance id closing in the same second
+        name = (
+            f"sserelay-unwritten-{self._instance or 'reader'}-{stamp}-{secrets.token_hex(2)}.jsonl"
+        )
         candidates = [
             self._fallback_dir,
             self._store.fallback_dir,

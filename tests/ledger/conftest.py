@@ -105,6 +105,12 @@ class Backend:
             connection.close()
 
 
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ledger test writes to the real ~/.local/state (a fallback file would go there)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One private PostgreSQL for the session (skipped without it, failed under CI=true)."""
