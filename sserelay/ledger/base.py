@@ -222,10 +222,12 @@ class QueuedLedger:
                         self._down = None
                     except StoreUnavailable as exc:
                         self._down = str(exc)
-                if self._pending:
-                    spilled = await self._spill(list(self._pending.values()))
-                    self._lost_rows += len(self._pending) - len(spilled)
-                    self._pending.clear()
+                async with self._spill_lock:  # after any spill under way, and its put-back
+                    if self._pending:
+                        unwritten = list(self._pending.values())
+                        self._pending.clear()
+                        spilled = await self._spill(unwritten)
+                        self._lost_rows += len(unwritten) - len(spilled)
                 if self._instance is not None and self._down is None:
                     with contextlib.suppress(StoreUnavailable):
                         await self._store.end_instance(self._instance, self._clock())
@@ -441,17 +443,17 @@ class QueuedLedger:
         fallback file. Open rows stay: there are only as many as streams running now."""
         if len(self._pending) <= self._max_queued:
             return
-        finished = [write for write in self._pending.values() if write.ends]
-        if not finished:
-            return
-        first = self._fallback_path is None
-        # out of the queue before the await, so that a second caller meanwhile does not
-        # spill them again; back in if the file cannot take them
-        for write in finished:
-            del self._pending[write.row.row_key]
-        if not await self._spill(finished):
+        async with self._spill_lock:
+            finished = [write for write in self._pending.values() if write.ends]
+            if len(self._pending) <= self._max_queued or not finished:
+                return  # another caller spilled while this one waited
+            first = self._fallback_path is None
+            # out of the queue before the await: the retry task must not also write them
             for write in finished:
-                self._pending.setdefault(write.row.row_key, write)
+                del self._pending[write.row.row_key]
+            if not await self._spill(finished):
+                for write in finished:  # back in, for close() to try once more
+                    self._pending.setdefault(write.row.row_key, write)
         if first and self._fallback_path is not None:
             self._warn(
                 f"ledger {self.display}: more than {self._max_queued} rows waiting; "
@@ -461,18 +463,18 @@ class QueuedLedger:
     async def _spill(self, writes: Sequence[Write]) -> Sequence[Write]:
         """Append `writes` to the fallback file (made on first use, in the store's own
         directory, else the state directory, else the temp directory). Returns the writes
-        stored; on failure none, with the reason kept for the close report."""
+        stored; on failure none, with the reason kept for the close report. Callers hold
+        `_spill_lock`: one file, made once, appended to in turn."""
         by = self._instance or "reader"
         data = b"".join(lines.encode(lines.write_record(write, by)) for write in writes)
-        async with self._spill_lock:  # one file, made once, appended to in turn
-            try:
-                path = await asyncio.to_thread(self._append_fallback, data)
-            except OSError as exc:
-                self._fallback_error = f"cannot write a fallback file: {one_line(exc)}"
-                return ()
-            self._fallback_path = path
-            self._fallback_rows += len(writes)
-            return writes
+        try:
+            path = await asyncio.to_thread(self._append_fallback, data)
+        except OSError as exc:
+            self._fallback_error = f"cannot write a fallback file: {one_line(exc)}"
+            return ()
+        self._fallback_path = path
+        self._fallback_rows += len(writes)
+        return writes
 
     def _append_fallback(self, data: bytes) -> Path:
         if self._fallback_path is not None:
