@@ -19,6 +19,8 @@ from typing import IO, Any, TypeVar
 
 import pytest
 
+from tests.services import PostgresServer, ServiceUnavailable, skip_or_fail, start_postgres
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tokens.txt"
 _SERVING = re.compile(r"sserelay: serving on (http://\S+/)")
@@ -103,6 +105,33 @@ def start_relay(
             proc.kill()
             raise AssertionError(f"sserelay did not start: {relay.stderr}")
     return relay
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the session (skipped without it, failed under CI=true)."""
+    try:
+        server = start_postgres()
+    except ServiceUnavailable as exc:
+        skip_or_fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`proxy` and `serve --as` keep a ledger in $XDG_STATE_HOME by default: the tests' relays
+    (and the in-process runs) keep theirs in a directory of the test run, never the user's."""
+    home = tmp_path_factory.mktemp("state")
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(home)
+    yield home
+    if saved is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from sserelay.cli.options import (
     proxy_options,
     serve_options,
 )
+from sserelay.cli.usage import usage
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -63,8 +64,8 @@ def serve(**options: Any) -> None:
 
     ctx = click.get_current_context()
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
-    common = _common(options)
     provider, once = options.pop("provider"), options.pop("once")
+    common = _common(options, ledger_by_default=provider is not None)
     paced = {name: options.pop(name) for name in ("source", "chunk", "rate", "delay", "realtime")}
     if provider is None:
         if once:
@@ -104,13 +105,21 @@ def proxy(**options: Any) -> None:
     from sserelay.http.config import ProxyConfig
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
-    common = _common(options)
+    common = _common(options, ledger_by_default=True)
     _run(_config(ProxyConfig, **common, **options), as_json=as_json, quiet=quiet)
 
 
-def _common(options: dict[str, Any]) -> dict[str, Any]:
-    """The options every command shares, as config fields (taken out of `options`)."""
+def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, Any]:
+    """The options every command shares, as config fields (taken out of `options`).
+    A request-billing run (`proxy`, `serve --as`) keeps a ledger unless told not to."""
     from sserelay.http.access import Access
+    from sserelay.ledger import default_ledger_path
+
+    ledger, no_ledger = options.pop("ledger"), options.pop("no_ledger")
+    if ledger is not None and no_ledger:
+        raise click.UsageError("--ledger and --no-ledger say opposite things: give one")
+    if ledger is None and ledger_by_default and not no_ledger:
+        ledger = str(default_ledger_path())
 
     access = Access(
         token=options.pop("auth_token"),
@@ -125,6 +134,8 @@ def _common(options: dict[str, Any]) -> dict[str, Any]:
         "heartbeat": options.pop("heartbeat"),
         "ids": not options.pop("no_ids"),
         "access": access,
+        "ledger": ledger,
+        "checkpoint": options.pop("checkpoint"),
     }
 
 
@@ -152,8 +163,9 @@ def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     _fill_closed_std_fds()
+    said: list[str] = []
     try:
-        result = run_event_loop(_serve_live(config, console, quiet))
+        result = run_event_loop(_serve_live(config, console, quiet, said))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint=_hint(exc.field)) from None
     except SSERelayError as exc:
@@ -161,10 +173,10 @@ def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
         _fail(console, str(exc), code)
     except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
         sys.exit(EXIT_CODES["interrupted"])
-    _finish(console, result, as_json)
+    _finish(console, result, as_json, said)
 
 
-async def _serve_live(config: Config, console: Console, quiet: bool) -> RunResult:
+async def _serve_live(config: Config, console: Console, quiet: bool, said: list[str]) -> RunResult:
     from sserelay.cli.display import LiveCounter, Receipts, format_active
     from sserelay.http.config import MockConfig, ProxyConfig
     from sserelay.http.run import run
@@ -175,7 +187,8 @@ async def _serve_live(config: Config, console: Console, quiet: bool) -> RunResul
     live: list[LiveCounter] = []
 
     def on_ready(running: Running) -> None:
-        for line in [f"serving on {running.url}", *running.notes]:
+        kept = "" if running.ledger is None else f" (usage ledger: {running.ledger})"
+        for line in [f"serving on {running.url}{kept}", *running.notes]:
             console.print(f"sserelay: {line}", highlight=False, markup=False)
 
         def rows() -> list[str]:
@@ -189,8 +202,12 @@ async def _serve_live(config: Config, console: Console, quiet: bool) -> RunResul
         counter.start()
         live.append(counter)
 
+    def warn(message: str) -> None:
+        said.append(message)
+        console.print(f"sserelay: warning: {message}", highlight=False, markup=False)
+
     try:
-        return await run(config, observers=observers, on_ready=on_ready)
+        return await run(config, observers=observers, on_ready=on_ready, on_warning=warn)
     finally:
         for counter in live:
             await counter.stop()
@@ -201,12 +218,15 @@ def _fail(console: Console, message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _finish(console: Console, result: RunResult, as_json: bool) -> NoReturn:
+def _finish(
+    console: Console, result: RunResult, as_json: bool, already_said: list[str]
+) -> NoReturn:
     from sserelay.cli.display import format_bill
 
     bill = result.bill
     for warning in result.warnings:
-        console.print(f"sserelay: warning: {warning}", highlight=False, markup=False)
+        if not any(warning is said for said in already_said):  # said live, during the run
+            console.print(f"sserelay: warning: {warning}", highlight=False, markup=False)
     if result.error:
         console.print(f"sserelay: error: {result.error}", highlight=False, markup=False)
     if bill.invalid_utf8_bytes:
@@ -215,7 +235,13 @@ def _finish(console: Console, result: RunResult, as_json: bool) -> NoReturn:
             "were replaced with U+FFFD",
             highlight=False,
         )
-    text = json.dumps(bill.to_dict(), allow_nan=False) if as_json else format_bill(bill)
+    if as_json:
+        data = bill.to_dict()
+        if result.ledger is not None:
+            data["ledger"] = result.ledger
+        text = json.dumps(data, allow_nan=False)
+    else:
+        text = format_bill(bill, result.ledger)
     try:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
@@ -223,6 +249,8 @@ def _finish(console: Console, result: RunResult, as_json: bool) -> NoReturn:
         _silence_stdout()
         reason = "closed" if isinstance(exc, BrokenPipeError) else (exc.strerror or str(exc))
         _fail(console, f"cannot write the bill to stdout: {reason}", EXIT_ERROR)
+    if result.unwritten:  # rows the ledger lost are in a fallback file, but not where asked
+        sys.exit(EXIT_ERROR)
     if bill.reason == "interrupted" and result.signal == signal.SIGTERM:
         sys.exit(EXIT_SIGTERM)
     sys.exit(EXIT_CODES.get(bill.reason, EXIT_ERROR))
@@ -245,5 +273,7 @@ def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
 
+
+main.add_command(usage)
 
 __all__ = ["EXIT_CODES", "EXIT_USAGE", "main"]

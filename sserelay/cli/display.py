@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from rich.console import Console
 from rich.live import Live
@@ -48,7 +49,7 @@ def format_totals(totals: Totals) -> str:
     return line
 
 
-def format_bill(bill: Bill) -> str:
+def format_bill(bill: Bill, ledger: str | None = None) -> str:
     """The bill as a compact human table (no colour, stable for scripts that grep it)."""
     ttfe = "-" if bill.time_to_first_event_s is None else f"{bill.time_to_first_event_s:.3f} s"
     rows = [
@@ -78,9 +79,27 @@ def format_bill(bill: Bill) -> str:
         )
         if c.request is not None:  # a proxied or mocked request
             rows.append(f"              {format_request(c)}")
-    if not bill.clients:
+    if bill.rows_omitted:
+        where = f" are in the ledger {ledger}" if ledger else " are not listed"
+        rows.append(f"  clients     {format_count(bill.client_count)} (their rows{where})")
+        for model, figures in sorted(bill.by_model.items()):
+            rows.append(f"  model {model:<20} {format_group(figures)}")
+        for key, figures in sorted(bill.by_key.items()):
+            rows.append(f"  key   {key:<20} {format_group(figures)}")
+    elif not bill.clients:
         rows.append("  no client connected")
     return "\n".join(rows)
+
+
+def format_group(figures: dict[str, float | int | None]) -> str:
+    """A model's or a key's sums, in one line."""
+    cost = figures.get("cost")
+    line = (
+        f"{format_count(figures.get('requests') or 0)} requests "
+        f"{format_count(figures.get('tokens') or 0)} tokens "
+        f"{format_count(figures.get('bytes') or 0)} bytes"
+    )
+    return line if cost is None else f"{line} cost {format_cost(float(cost))}"
 
 
 def format_usage(usage: Usage) -> str:
@@ -107,10 +126,18 @@ def format_request(c: ClientBill) -> str:
     return " ".join(parts)
 
 
+def format_moment(wall: float) -> str:
+    """A time of day for a log line: UTC, ISO 8601, milliseconds (`2026-11-27T18:54:33.123Z`)."""
+    moment = datetime.fromtimestamp(wall, UTC)
+    return moment.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+
+
 def format_receipt(c: ClientBill, error: str | None = None) -> str:
-    """The one line printed when a proxied request ends."""
+    """The one line printed when a proxied request ends: an access log line, with the UTC
+    time it ended and its request id first, so it can go to a file or journald."""
+    ended = format_moment(c.started_wall + c.duration_s)
     line = (
-        f"{format_request(c)} · {format_count(c.tokens)} tokens · "
+        f"{ended} {c.request_id} {format_request(c)} · {format_count(c.tokens)} tokens · "
         f"{format_count(c.events)} events · {format_bytes(c.bytes)} · {c.duration_s:.3f} s · "
         f"{c.reason}"
     )
@@ -171,9 +198,15 @@ class LiveCounter:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
+        last = None
         while True:
             await asyncio.sleep(self._plain_interval)
-            self._console.print("sserelay: " + format_totals(self._totals()), highlight=False)
+            totals = self._totals()
+            figures = (totals.tokens, totals.events, totals.bytes, totals.active_clients)
+            if figures == last:
+                continue  # an idle relay does not fill a log with the same line
+            last = figures
+            self._console.print("sserelay: " + format_totals(totals), highlight=False)
 
     async def stop(self) -> None:
         if self._live is not None:

@@ -136,6 +136,14 @@ common_options = apply(
         option("--cors-origin", env="CORS_ORIGIN", metavar="ORIGIN",
                help="Allow pages from ORIGIN (or *) to call it (Access-Control-Allow-Origin; "
                "preflights answered)."),
+        option("--ledger", env="LEDGER", metavar="TARGET",
+               help="Keep a usage row per client or request in TARGET: a SQLite path, a "
+               "*.jsonl file, or a postgresql:// URL [default for proxy and serve --as: "
+               "$XDG_STATE_HOME/sserelay/usage.db]."),
+        option("--no-ledger", env="NO_LEDGER", is_flag=True, help="Keep no usage ledger."),
+        option("--checkpoint", env="CHECKPOINT", type=Finite(open_low=True), default=1.0,
+               show_default=True, metavar="SECONDS",
+               help="Save open rows' figures to the ledger this often (what a crash can lose)."),
     ]
 )  # fmt: skip
 

@@ -55,6 +55,11 @@ class RunConfig:
     heartbeat: float | None = 15.0
     ids: bool = True
     access: Access = field(default_factory=Access)
+    #: where usage rows are kept (a path: SQLite; `*.jsonl`; a `postgresql://` URL); None:
+    #: nowhere but the bill. The command line defaults it for `proxy` and `serve --as`.
+    ledger: str | None = None
+    #: seconds between checkpoints of the open rows (and heartbeats) in the ledger
+    checkpoint: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -67,6 +72,9 @@ class RunConfig:
         if self.price is not None and self.price * 1e12 == math.inf:
             raise ConfigError(f"{self.price:g} is too large a price", "price")
         _finite("heartbeat", self.heartbeat)
+        _finite("checkpoint", self.checkpoint, open_low=True)
+        if self.ledger is not None and not self.ledger.strip():
+            raise ConfigError("the ledger target is empty", "ledger")
         access = self.access
         if access.token is not None and not access.token.strip():
             raise ConfigError("the token is empty", "auth_token")

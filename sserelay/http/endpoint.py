@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 from starlette.types import Scope, Send
 
 from sserelay.http.access import Access, Refusal
-from sserelay.http.asgi import peer, send_json, send_response
+from sserelay.http.asgi import header, peer, send_json, send_response
 from sserelay.metering.bill import ClientBill, RequestFacts
-from sserelay.metering.meter import ClientMeter, Meter
+from sserelay.metering.meter import ClientMeter, Meter, is_valid_request_id
 from sserelay.metering.reason import Reason
 from sserelay.providers.errors import error_body
 
@@ -108,7 +108,9 @@ class Endpoint:
         something escapes `handle`: the client is still billed, and `once` still ends,
         rather than waiting for a request that is gone."""
         self._claimed = True
-        client = self.meter.open_client(peer(scope), request)
+        given = header(scope, b"x-request-id")
+        request_id = given if given is not None and is_valid_request_id(given) else None
+        client = self.meter.open_client(peer(scope), request, request_id=request_id)
         self.open += 1
         outcome = unforeseen
         try:
@@ -130,6 +132,11 @@ class Endpoint:
                 self._finish(Reason.INTERRUPTED)
         elif self.once:
             self._finish(bill.reason, bill.error)
+
+
+def request_id_header(client: ClientMeter) -> tuple[bytes, bytes]:
+    """`x-request-id`: the id of the client's row in the bill and the ledger."""
+    return (b"x-request-id", client.request_id.encode())
 
 
 async def answer_error(

@@ -35,7 +35,7 @@ from sserelay.http.asgi import (
     send_response,
     unless,
 )
-from sserelay.http.endpoint import Endpoint, Outcome, answer_error
+from sserelay.http.endpoint import Endpoint, Outcome, answer_error, request_id_header
 from sserelay.metering.bill import ClientBill, RequestFacts
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
@@ -107,7 +107,7 @@ class Mock(Endpoint):
             await self.preflight(scope, receive, send)
             return
         path = COMPLETION_PATHS[self.provider]
-        message = f"sserelay --as {self.provider} answers POST {path} and GET /v1/models"
+        message = f"--as {self.provider} answers POST {path} and GET /v1/models"
         await answer_error(send, 404, message, self.provider, headers=self.access.cors_headers)
 
     async def preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,6 +169,7 @@ class Mock(Endpoint):
         else:
             frames = self._whole(answer, passes, prompt_tokens)
             headers = [*JSON_HEADERS, *self.access.cors_headers]
+        headers.append(request_id_header(client))
         try:
             await relay_frames(
                 sink,

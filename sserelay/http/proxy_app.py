@@ -41,7 +41,7 @@ from sserelay.http.asgi import (
     unless,
     watch_disconnect,
 )
-from sserelay.http.endpoint import Endpoint, Outcome, answer_error
+from sserelay.http.endpoint import Endpoint, Outcome, answer_error, request_id_header
 from sserelay.metering.bill import RequestFacts
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
@@ -139,7 +139,8 @@ class Proxy(Endpoint):
         self, scope: Scope, receive: Receive, send: Send, client: ClientMeter, api: str
     ) -> Outcome:
         sink = _WatchedSink(receive, send, scope)
-        cors = self.access.cors_headers
+        # Every answer names its request: its id is the ledger row's and the receipt's.
+        cors = (*self.access.cors_headers, request_id_header(client))
         watcher: asyncio.Task[None] | None = None
         response: UpstreamResponse | None = None
         relay: Relay | None = None
@@ -198,7 +199,7 @@ class Proxy(Endpoint):
                     frames,
                     client=client,
                     heartbeat=self.heartbeat if isinstance(relay, EventRelay) else None,
-                    headers=[*headers, *cors],
+                    headers=[*_renamed_request_id(headers), *cors],
                     stop=self.stop,
                 )
             except ClientDisconnected:
@@ -305,6 +306,15 @@ class Proxy(Endpoint):
         message = f"upstream answered {response.status} {response.reason}".rstrip()
         detail = error_detail(relay.text) if isinstance(relay, BodyRelay) else ""
         return f"{message}: {detail}" if detail else message
+
+
+def _renamed_request_id(headers: Headers) -> Headers:
+    """The upstream's own `x-request-id` (OpenAI's, say) kept as `x-upstream-request-id`:
+    the client's `x-request-id` is the gateway's."""
+    return [
+        (b"x-upstream-request-id" if name == b"x-request-id" else name, value)
+        for name, value in headers
+    ]
 
 
 class _Progress:

@@ -27,8 +27,10 @@ from sserelay.http.mock_app import COMPLETION_PATHS, Mock, create_mock_app
 from sserelay.http.proxy_app import Proxy, create_proxy_app
 from sserelay.http.server import bound_address, listen, serve_app
 from sserelay.http.stream_app import StreamSession, create_app, ui_page
+from sserelay.ledger import new_instance_id, open_ledger
+from sserelay.ledger.writer import LedgerWriter
 from sserelay.metering.bill import Bill, Totals
-from sserelay.metering.meter import ClientMeter, Meter, MeterObserver
+from sserelay.metering.meter import MAX_BILL_ROWS, ClientMeter, Meter, MeterObserver
 from sserelay.metering.pricing import PriceList, Pricing
 from sserelay.metering.reason import Reason
 from sserelay.metering.tokens import Tokenizer, get_tokenizer
@@ -40,6 +42,10 @@ from sserelay.sources.shared import FileText, SharedText
 from sserelay.sources.text import TextSource
 from sserelay.sources.upstream import Timeouts, Upstream
 from sserelay.streaming.hub import Hub
+
+#: An instance whose heartbeat is this old (seconds), or 5 checkpoints if longer, is dead:
+#: a run that opens the ledger closes its open rows as `crashed`.
+DEAD_AFTER = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +59,10 @@ class RunResult:
     #: What went wrong on the side without ending the run (a recording that could not be
     #: written, a ledger row kept elsewhere), one line each.
     warnings: tuple[str, ...] = ()
+    #: The ledger that holds the run's rows (its display: no password), if there was one.
+    ledger: str | None = None
+    #: Rows the ledger could not store (they are in a fallback file a warning names).
+    unwritten: int = 0
 
     @property
     def reason(self) -> Reason:
@@ -63,9 +73,18 @@ class Running:
     """A run that is listening, as `on_ready` sees it: its URL, what it serves (`notes`,
     one line each), live figures, and `stop()` (what Ctrl-C does)."""
 
-    def __init__(self, url: str, notes: list[str], meter: Meter, endpoint: Endpoint) -> None:
+    def __init__(
+        self,
+        url: str,
+        notes: list[str],
+        meter: Meter,
+        endpoint: Endpoint,
+        ledger: str | None = None,
+    ) -> None:
         self.url = url
         self.notes = notes
+        #: the ledger that keeps the run's rows (its display: no password), if any
+        self.ledger = ledger
         self._meter = meter
         self._endpoint = endpoint
         #: whether each client is a request with its own receipt (`serve --as`, `proxy`)
@@ -93,16 +112,53 @@ async def run(
     on_ready: Callable[[Running], None] | None = None,
     handle_signals: bool = True,
     sock: socket.socket | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run `config` until it is over; see the module docstring. With `handle_signals`,
     SIGINT and SIGTERM stop the run (a second one stops it at once); `sock` is a listening
-    socket to serve on instead of one bound to the config's host and port."""
+    socket to serve on instead of one bound to the config's host and port; `on_warning`
+    hears at once of what goes wrong on the side (a ledger lost and back), which the
+    result's `warnings` also hold."""
     tokenizer = _tokenizer(config.tokenizer)
     pricing = Pricing(config.price, _price_list(config))
-    meter = Meter(tokenizer.name, pricing=pricing)
+    once = isinstance(config, MockConfig | ProxyConfig) and config.once
+    meter = Meter(tokenizer.name, pricing=pricing, keep_rows=None if once else MAX_BILL_ROWS)
     for observer in observers:
         meter.subscribe(observer)
     warnings: list[str] = []
+    async with _ledger(config, meter, warnings, on_warning) as ledger:
+        endpoint, signals = await _serve_until_done(
+            config,
+            tokenizer,
+            meter,
+            warnings,
+            on_ready,
+            handle_signals,
+            sock,
+            None if ledger is None else ledger.display,
+        )
+        bill = meter.bill(endpoint.reason or Reason.INTERRUPTED)
+    return RunResult(
+        bill,
+        endpoint.error,
+        signals[0] if signals else None,
+        tuple(warnings),
+        ledger=None if ledger is None else ledger.display,
+        unwritten=0 if ledger is None else ledger.unwritten,
+    )
+
+
+async def _serve_until_done(
+    config: Config,
+    tokenizer: Tokenizer,
+    meter: Meter,
+    warnings: list[str],
+    on_ready: Callable[[Running], None] | None,
+    handle_signals: bool,
+    sock: socket.socket | None,
+    ledger: str | None,
+) -> tuple[Endpoint, list[int]]:
+    """Serve `config` until its endpoint finishes; the endpoint and the signals seen."""
     async with _serving(config, tokenizer, meter, warnings) as (endpoint, app, notes):
         if sock is None:
             sock = listen(config.host, config.port)
@@ -116,7 +172,7 @@ async def run(
             if on_ready is not None:
                 url = bound_address(sock).url
                 said = [note.replace("{url}", url.rstrip("/")) for note in notes]
-                on_ready(Running(url, said, meter, endpoint))
+                on_ready(Running(url, said, meter, endpoint, ledger))
 
         await serve_app(
             app,
@@ -125,8 +181,71 @@ async def run(
             on_signal=on_signal if handle_signals else None,
             on_ready=ready,
         )
-    bill = meter.bill(endpoint.reason or Reason.INTERRUPTED)
-    return RunResult(bill, endpoint.error, signals[0] if signals else None, tuple(warnings))
+    return endpoint, signals
+
+
+class _LedgerUse:
+    """The run's ledger, as run() reports it."""
+
+    def __init__(self, display: str) -> None:
+        self.display = display
+        self.unwritten = 0
+
+
+@contextlib.asynccontextmanager
+async def _ledger(
+    config: Config,
+    meter: Meter,
+    warnings: list[str],
+    on_warning: Callable[[str], None] | None,
+) -> AsyncIterator[_LedgerUse | None]:
+    """The config's ledger, opened before anything listens (LedgerError if it cannot be),
+    with the rows of dead instances closed as `crashed`, written to from the meter's hook
+    and closed after the bill: what it could not store is said in `warnings`."""
+    if config.ledger is None:
+        yield None
+        return
+    instance = new_instance_id()
+
+    def warn(message: str) -> None:
+        # Said now (a lost database must not wait for the exit) and kept for the result.
+        warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    ledger = open_ledger(config.ledger, instance=instance, on_warning=warn)
+    await ledger.open()
+    use = _LedgerUse(ledger.display)
+    dead_after = max(DEAD_AFTER, 5 * config.checkpoint)
+    try:
+        await ledger.recover(dead_after=dead_after)
+        writer = LedgerWriter(
+            ledger,
+            instance=instance,
+            tokenizer=meter.tokenizer,
+            checkpoint=config.checkpoint,
+            price_of=lambda c: meter.pricing.cost(c.tokens, c.upstream_usage, c.model),
+            on_warning=warn,
+            dead_after=dead_after,
+        )
+        meter.subscribe(writer)
+        writer.start()
+    except BaseException:
+        await ledger.close()
+        raise
+    try:
+        yield use
+    finally:
+        report = await writer.aclose()
+        if report.unwritten:
+            use.unwritten = report.unwritten
+            where = report.fallback_path or "nowhere"
+            warnings.append(
+                f"ledger {ledger.display}: {report.unwritten} rows could not be stored; "
+                f"they are in {where}"
+            )
+        if report.error:
+            warnings.append(f"ledger {ledger.display}: {report.error}")
 
 
 def _tokenizer(name: str) -> Tokenizer:

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from sserelay.errors import ClientDisconnected, Interrupted, SourceError
 from sserelay.http.access import Access, Refusal
 from sserelay.http.asgi import ASGISink, abort_of, header, healthz, query_value, send_response
-from sserelay.http.endpoint import SHUTDOWN_GRACE, Endpoint, Outcome
+from sserelay.http.endpoint import SHUTDOWN_GRACE, Endpoint, Outcome, request_id_header
 from sserelay.metering.bill import ClientBill
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
@@ -121,7 +121,7 @@ class StreamSession(Endpoint):
                 listener,
                 client=client,
                 heartbeat=self.heartbeat,
-                headers=self._headers,
+                headers=[*self._headers, request_id_header(client)],
                 stop=self.stop,
             )
         except ClientDisconnected:

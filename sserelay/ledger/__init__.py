@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sserelay.metering.meter import is_valid_request_id, new_request_id
+
 from .base import (
     Ledger,
     LedgerCloseReport,
@@ -28,7 +30,7 @@ from .base import (
 )
 from .errors import LedgerError
 from .jsonl import JSONLinesLedger
-from .row import UsageRow, is_valid_request_id, new_request_id
+from .row import UsageRow
 from .sqlite import SQLiteLedger
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")

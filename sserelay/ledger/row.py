@@ -8,30 +8,15 @@ from __future__ import annotations
 
 import math
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
+from sserelay.metering.meter import MAX_REQUEST_ID
+
 #: `usage_source`: the upstream reported the usage, or sserelay counted it itself.
 USAGE_SOURCES = ("reported", "metered")
-
-#: The longest request id kept; a client's own `x-request-id` longer than this is not used.
-MAX_ID_LENGTH = 200
-
-
-def new_request_id() -> str:
-    """A fresh request id: `req_` and 24 random hex digits (96 bits)."""
-    return "req_" + secrets.token_hex(12)
-
-
-def is_valid_request_id(text: str) -> bool:
-    """True for a request id a row may carry: 1 to MAX_ID_LENGTH printable characters.
-
-    The relay takes a client's `x-request-id` only when this holds (else it makes one with
-    `new_request_id()`), so a hostile header cannot put control characters into a ledger."""
-    return 0 < len(text) <= MAX_ID_LENGTH and text.isprintable()
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -89,8 +74,10 @@ class UsageRow:
     last_event_id: str | None = None
 
     def __post_init__(self) -> None:
-        if not is_valid_request_id(self.id):
-            raise ValueError(f"request id must be 1-{MAX_ID_LENGTH} printable characters")
+        # What the relay takes from a client is ASCII (metering.is_valid_request_id); a row
+        # read back from any ledger may hold any printable text.
+        if not 0 < len(self.id) <= MAX_REQUEST_ID or not self.id.isprintable():
+            raise ValueError(f"request id must be 1-{MAX_REQUEST_ID} printable characters")
         if not self.instance:
             raise ValueError("instance must not be empty")
         for name in ("started_at", "first_token_at", "ended_at"):

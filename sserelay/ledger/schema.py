@@ -14,6 +14,8 @@ Tables (SQLite: in the file; PostgreSQL: in the schema `sserelay`):
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -80,10 +82,29 @@ def is_dead(
     instance: str, state: str | None, stale: bool | None, own: str, dead: Collection[str]
 ) -> bool:
     """Whether the open rows of `instance` belong to no live writer. `state` and `stale`
-    (heartbeat older than the cutoff) are None when the instance never registered."""
+    (heartbeat older than the cutoff) are None when the instance never registered. An
+    instance of this host whose process is gone is dead at once, heartbeat or not."""
     if instance == own:
         return False
-    return instance in dead or state is None or state != "live" or bool(stale)
+    if instance in dead or state is None or state != "live" or bool(stale):
+        return True
+    return _gone_from_this_host(instance)
+
+
+def _gone_from_this_host(instance: str) -> bool:
+    """Whether `instance` (`HOST-PID-RANDOM`, see new_instance_id) names a process of this
+    host that no longer exists. A pid since reused by another process looks alive: then
+    only its heartbeat going stale says it died, which is slower but never wrong."""
+    parts = instance.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's), or the question cannot be asked
+        return False
+    return False
 
 
 def row_values(values: Sequence[Any]) -> dict[str, Any]:

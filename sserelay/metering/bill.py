@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sserelay.metering.reason import Reason
@@ -42,6 +42,14 @@ class ClientBill:
     cost: float | None = None
     #: Why it ended badly, in one line (never a secret); None if it did not.
     error: str | None = None
+    #: The request id (the client's `x-request-id`, or one made for it).
+    request_id: str = ""
+    #: The name of the key the client presented, where keys are in use.
+    key: str | None = None
+    #: When it started, as a time of day (Unix seconds).
+    started_wall: float = 0.0
+    #: The id of the last event it was sent, where events have ids.
+    last_event_id: str | None = None
 
     @property
     def partial(self) -> bool:
@@ -62,7 +70,10 @@ class ClientBill:
             "reason": str(self.reason),
             "duration_s": self.duration_s,
             "time_to_first_event_s": self.time_to_first_event_s,
+            "request_id": self.request_id,
         }
+        if self.key is not None:
+            out["key"] = self.key
         if self.request is not None:
             out.update(
                 method=self.request.method,
@@ -111,10 +122,22 @@ class Bill:
     clients: tuple[ClientBill, ...]
     invalid_utf8_bytes: int = 0
     upstream_usage: Usage | None = None
+    #: How many clients the run had (`clients` lists them all only up to a limit).
+    client_count: int = 0
+    #: Requests whose model has no price (their cost is null, not 0).
+    unpriced: int = 0
+    #: Sums per model and per key: requests, tokens, events, bytes, cost.
+    by_model: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    by_key: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
         return round(self.tokens / self.duration_s, 3) if self.duration_s > 0 else 0.0
+
+    @property
+    def rows_omitted(self) -> int:
+        """Clients the bill does not list one by one (their rows are in the ledger)."""
+        return self.client_count - len(self.clients)
 
     def to_dict(self) -> dict[str, Any]:
         """The bill as JSON-ready data; keys are the documented contract."""
@@ -134,4 +157,12 @@ class Bill:
         }
         if self.upstream_usage is not None:
             out["upstream_usage"] = self.upstream_usage.to_dict()
+        if self.rows_omitted:
+            out["clients_total"] = self.client_count
+        if self.unpriced:
+            out["unpriced_requests"] = self.unpriced
+        if self.by_model:
+            out["by_model"] = self.by_model
+        if self.by_key:
+            out["by_key"] = self.by_key
         return out

@@ -13,6 +13,7 @@ are called, so the per-event path pays nothing for the others), and of each clie
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,6 +22,22 @@ from sserelay.metering.bill import Bill, ClientBill, RequestFacts, Totals
 from sserelay.metering.pricing import Pricing
 from sserelay.metering.reason import REASONS, Reason
 from sserelay.metering.usage import Usage, sum_usage
+
+#: The longest request id kept; a client's own `x-request-id` longer than this is not used.
+MAX_REQUEST_ID = 200
+
+
+def new_request_id() -> str:
+    """A fresh request id: `req_` and 24 random hex digits (96 bits)."""
+    return "req_" + secrets.token_hex(12)
+
+
+def is_valid_request_id(text: str) -> bool:
+    """Whether a client's own `x-request-id` may be a request's id: 1 to MAX_REQUEST_ID
+    printable ASCII characters (a hostile header cannot put control characters in a
+    ledger, a log line or a response header)."""
+    return 0 < len(text) <= MAX_REQUEST_ID and text.isascii() and text.isprintable()
+
 
 Clock = Callable[[], float]
 #: Called with each write a client's connection accepted: (client, events, tokens, bytes).
@@ -53,10 +70,14 @@ class ClientMeter:
         "events",
         "first_event_at",
         "id",
+        "key",
+        "last_event_id",
         "opened_at",
         "peer",
         "reason",
         "request",
+        "request_id",
+        "started_wall",
         "tokens",
         "upstream_usage",
     )
@@ -85,6 +106,14 @@ class ClientMeter:
         self.request = request
         #: What the upstream reported for this request, if anything.
         self.upstream_usage: Usage | None = None
+        #: The request id (sent to the client as `x-request-id`; the ledger row's id).
+        self.request_id = ""
+        #: The name of the key the client presented (None: no keys in use).
+        self.key: str | None = None
+        #: When it started, as a time of day (Unix seconds): the ledger's `started_at`.
+        self.started_wall = 0.0
+        #: The id of the last event it was sent, where events have ids.
+        self.last_event_id: str | None = None
 
     def record(self, events: int, tokens: int, nbytes: int) -> None:
         """Count a write that the client's connection has accepted."""
@@ -144,12 +173,69 @@ class ClientMeter:
             upstream_usage=self.upstream_usage,
             cost=cost,
             error=self.error,
+            request_id=self.request_id,
+            key=self.key,
+            started_wall=self.started_wall,
+            last_event_id=self.last_event_id,
         )
+
+
+#: A bill lists each client's row up to this many clients; past it, totals and per-model
+#: and per-key sums (the rows themselves are in the ledger). Memory stays flat however
+#: long a relay runs.
+MAX_BILL_ROWS = 100
+#: Distinct models (or keys) summed apart; more are summed as "other", so a client that
+#: names a million models cannot grow the meter.
+MAX_GROUPS = 1000
+OTHER = "other"
+
+
+class Summary:
+    """Running sums over the clients that have ended (and a group's share of them)."""
+
+    __slots__ = ("bytes", "clients", "cost", "events", "first_event_s", "tokens", "unpriced")
+
+    def __init__(self, priced: bool = False) -> None:
+        self.clients = 0
+        self.tokens = 0
+        self.events = 0
+        self.bytes = 0
+        #: 0 from the start where every token has a price (a flat --price), else None
+        #: until something is priced: an unpriced run's cost is unknown, not 0.
+        self.cost: float | None = 0.0 if priced else None
+        self.unpriced = 0
+        self.first_event_s: float | None = None
+
+    def add(self, bill: ClientBill) -> None:
+        self.clients += 1
+        self.tokens += bill.tokens
+        self.events += bill.events
+        self.bytes += bill.bytes
+        if bill.cost is not None:
+            self.cost = round((self.cost or 0.0) + bill.cost, 10)
+        elif bill.request is not None:
+            self.unpriced += 1
+        first = bill.time_to_first_event_s
+        if first is not None and (self.first_event_s is None or first < self.first_event_s):
+            self.first_event_s = first
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            "requests": self.clients,
+            "tokens": self.tokens,
+            "events": self.events,
+            "bytes": self.bytes,
+            "cost": self.cost,
+        }
 
 
 class Meter:
     """Tallies for every client of one run, and the observers that hear of them.
-    `clock` is injected for tests."""
+
+    Open clients are held one by one; a client that ends is folded into running sums
+    (`ended`, and per model and per key) and its row kept for the bill only while there
+    are at most `keep_rows` (None: all, for a run of one request). `clock` (for durations)
+    and `wall_clock` (for the time of day a client started) are injected for tests."""
 
     def __init__(
         self,
@@ -158,19 +244,39 @@ class Meter:
         clock: Clock = time.monotonic,
         *,
         pricing: Pricing | None = None,
+        keep_rows: int | None = MAX_BILL_ROWS,
+        wall_clock: Clock = time.time,
     ) -> None:
         self.tokenizer = tokenizer
         self.pricing = pricing if pricing is not None else Pricing(price_per_million)
         self._clock = clock
+        self._wall_clock = wall_clock
         self.started_at = clock()
-        self.clients: list[ClientMeter] = []
+        self.keep_rows = keep_rows
         self.invalid_utf8_bytes = 0
+        self.ended = Summary(priced=self.pricing.per_million is not None)
+        self.by_model: dict[str, Summary] = {}
+        self.by_key: dict[str, Summary] = {}
+        self.upstream_usage: Usage | None = None
+        self._open: dict[int, ClientMeter] = {}
+        self._rows: list[ClientBill] = []
+        self._opened = 0
         self._observers: list[MeterObserver] = []
         self._on_write: tuple[OnWrite, ...] = ()
 
     @property
     def price_per_million(self) -> float | None:
         return self.pricing.per_million
+
+    @property
+    def clients(self) -> list[ClientMeter]:
+        """The clients being served now."""
+        return list(self._open.values())
+
+    @property
+    def rows_omitted(self) -> int:
+        """Ended clients whose rows the bill does not list (they are in the sums)."""
+        return self.ended.clients - len(self._rows)
 
     def now(self) -> float:
         """The meter's clock."""
@@ -182,38 +288,64 @@ class Meter:
         if type(observer).wrote is not MeterObserver.wrote:
             self._on_write = (*self._on_write, observer.wrote)
 
-    def open_client(self, peer: str = "", request: RequestFacts | None = None) -> ClientMeter:
-        client = ClientMeter(len(self.clients) + 1, peer, self._clock, request, self._on_write)
-        self.clients.append(client)
+    def open_client(
+        self,
+        peer: str = "",
+        request: RequestFacts | None = None,
+        *,
+        request_id: str | None = None,
+        key: str | None = None,
+    ) -> ClientMeter:
+        self._opened += 1
+        client = ClientMeter(self._opened, peer, self._clock, request, self._on_write)
+        client.request_id = request_id or new_request_id()
+        client.key = key
+        client.started_wall = self._wall_clock()
+        self._open[client.id] = client
         for observer in self._observers:
             observer.opened(client)
         return client
 
     def close(self, client: ClientMeter, reason: str, error: str | None = None) -> ClientBill:
         """Close `client` with `reason` (the first reason wins) and tell the observers, once."""
-        first = client.close(reason, error)
+        client.close(reason, error)
         bill = client.bill(self._clock(), self.pricing)
-        if first:
+        if self._open.pop(client.id, None) is not None:
+            self._fold(bill)
             for observer in self._observers:
                 observer.closed(bill)
         return bill
 
-    def _cost(self, tokens: int, clients: list[ClientMeter]) -> float | None:
-        return self.pricing.total(
-            tokens,
-            ((self.pricing.cost(c.tokens, c.upstream_usage, c.model), c.model) for c in clients),
-        )
+    def _fold(self, bill: ClientBill) -> None:
+        self.ended.add(bill)
+        if bill.request is not None:
+            _group(self.by_model, bill.model or "-").add(bill)
+        if bill.key is not None:
+            _group(self.by_key, bill.key).add(bill)
+        if bill.upstream_usage is not None:
+            self.upstream_usage = sum_usage(
+                [u for u in (self.upstream_usage, bill.upstream_usage) if u is not None]
+            )
+        if self.keep_rows is not None and self.ended.clients > self.keep_rows:
+            self._rows.clear()  # past the limit the bill lists none: a partial list misleads
+        else:
+            self._rows.append(bill)
 
     def totals(self) -> Totals:
-        tokens = sum(c.tokens for c in self.clients)
+        open_clients = self._open.values()
+        tokens = self.ended.tokens + sum(c.tokens for c in open_clients)
+        costs = [self.pricing.cost(c.tokens, c.upstream_usage, c.model) for c in open_clients]
+        cost = self.ended.cost
+        if any(c is not None for c in costs):
+            cost = round((cost or 0.0) + sum(c for c in costs if c is not None), 10)
         return Totals(
             tokens=tokens,
-            events=sum(c.events for c in self.clients),
-            bytes=sum(c.bytes for c in self.clients),
+            events=self.ended.events + sum(c.events for c in open_clients),
+            bytes=self.ended.bytes + sum(c.bytes for c in open_clients),
             elapsed_s=self._clock() - self.started_at,
-            active_clients=sum(1 for c in self.clients if c.active),
-            clients=len(self.clients),
-            cost=self._cost(tokens, self.clients),
+            active_clients=sum(1 for c in open_clients if c.active),
+            clients=self._opened,
+            cost=cost,
         )
 
     def bill(self, reason: str) -> Bill:
@@ -221,22 +353,33 @@ class Meter:
         if reason not in REASONS:
             raise ValueError(f"unknown bill reason {reason!r}")
         now = self._clock()
-        clients = tuple(self.close(client, reason) for client in self.clients)
-        tokens = sum(c.tokens for c in clients)
-        firsts = [c.time_to_first_event_s for c in clients if c.time_to_first_event_s is not None]
+        for client in list(self._open.values()):
+            self.close(client, reason)
+        ended = self.ended
         return Bill(
             reason=Reason(reason),
-            tokens=tokens,
-            events=sum(c.events for c in clients),
-            bytes=sum(c.bytes for c in clients),
+            tokens=ended.tokens,
+            events=ended.events,
+            bytes=ended.bytes,
             duration_s=round(now - self.started_at, 6),
-            time_to_first_event_s=min(firsts) if firsts else None,
+            time_to_first_event_s=ended.first_event_s,
             tokenizer=self.tokenizer,
             price_per_million=self.price_per_million,
-            cost=self._cost(tokens, self.clients),
-            clients=clients,
+            cost=ended.cost,
+            clients=tuple(sorted(self._rows, key=lambda row: row.id)),
             invalid_utf8_bytes=self.invalid_utf8_bytes,
-            upstream_usage=sum_usage(
-                c.upstream_usage for c in clients if c.upstream_usage is not None
-            ),
+            upstream_usage=self.upstream_usage,
+            client_count=ended.clients,
+            unpriced=ended.unpriced,
+            by_model={name: group.to_dict() for name, group in self.by_model.items()},
+            by_key={name: group.to_dict() for name, group in self.by_key.items()},
         )
+
+
+def _group(groups: dict[str, Summary], name: str) -> Summary:
+    found = groups.get(name)
+    if found is None:
+        if len(groups) >= MAX_GROUPS:
+            name = OTHER
+        found = groups.setdefault(name, Summary())
+    return found

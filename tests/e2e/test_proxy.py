@@ -406,7 +406,7 @@ def test_reverse_proxy_semantics_and_many_requests_until_ctrl_c(
     assert deep["headers"]["x-api-key"] == SECRET
     assert "keep-alive" not in deep["headers"]
     assert deep["headers"]["accept-encoding"] == "identity"
-    wait_until(lambda: running.stderr.count("sserelay: GET") + running.stderr.count("POST") >= 2)
+    wait_until(lambda: running.stderr.count(" GET /") + running.stderr.count(" POST /") >= 2)
     running.signal(signal.SIGINT)
     bill = running.bill()
     assert running.proc.returncode == 130
@@ -770,7 +770,13 @@ def test_text_bill_shows_each_request_and_the_per_model_cost(
     assert f"cost        {cost:.6f}".rstrip("0") + " (per-model prices)" in text
     assert "POST /chat/completions 200 gpt-4o-mini-2024-07-18 upstream in=24 out=7" in text
     receipts = [line for line in running.stderr.splitlines() if "· complete" in line]
-    assert len(receipts) == 1 and receipts[0].startswith("sserelay: POST /chat/completions 200")
+    # An access log line: the UTC time it ended, its request id, then what it was.
+    assert len(receipts) == 1
+    assert re.match(
+        r"sserelay: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z req_[0-9a-f]{24} "
+        r"POST /chat/completions 200",
+        receipts[0],
+    ), receipts[0]
 
 
 def test_an_idle_sse_upstream_gets_heartbeats_to_the_client(

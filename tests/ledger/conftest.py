@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from sserelay.ledger import JSONLinesLedger, QueuedLedger, SQLiteLedger, UsageRow
-from tests.services import PostgresServer, ServiceUnavailable, skip_or_fail, start_postgres
+from tests.services import PostgresServer
 
 T = TypeVar("T")
 
@@ -109,19 +109,6 @@ class Backend:
 def private_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No ledger test writes to the real ~/.local/state (a fallback file would go there)."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One private PostgreSQL for the session (skipped without it, failed under CI=true)."""
-    try:
-        server = start_postgres()
-    except ServiceUnavailable as exc:
-        skip_or_fail(str(exc))
-    try:
-        yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture(scope="session")
