@@ -25,6 +25,14 @@ class TokenCounter(Protocol):
         """Tokens that start in `fragment`, given every fragment fed before."""
         ...
 
+    def pending(self) -> int:
+        """Tokens held back that `flush()` would bill if the text ended now (not billed yet)."""
+        ...
+
+    def flush(self) -> int:
+        """Bill what was held back as the end of the text, and start over with an empty text."""
+        ...
+
 
 class WhitespaceCounter:
     """Counts a token where a non-space follows a space (or the start of the text)."""
@@ -41,12 +49,25 @@ class WhitespaceCounter:
         self._in_word = not fragment[-1].isspace()
         return starts
 
+    def pending(self) -> int:
+        return 0  # a word is billed where it starts: nothing is ever held back
+
+    def flush(self) -> int:
+        self._in_word = False
+        return 0
+
 
 class CharCounter:
     """Counts every Unicode code point, line ends included."""
 
     def feed(self, fragment: str) -> int:
         return len(fragment)
+
+    def pending(self) -> int:
+        return 0
+
+    def flush(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
