@@ -4,6 +4,9 @@ The default, `whitespace`, counts whitespace-delimited words: `count_tokens(s)
 == len(s.split())`. Streams arrive in fragments, so every tokenizer also has a
 stateful `TokenCounter` that counts over the joined text: a word split across
 two fragments is one token, billed with the fragment where it starts.
+
+`o200k_base` and `cl100k_base` are OpenAI's BPE encodings (`sserelay.metering.bpe`), made on
+first lookup: loading a vocabulary takes a fraction of a second, too slow for every import.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ def _count_chars(text: str) -> int:
 
 
 _REGISTRY: dict[str, Tokenizer] = {}
+#: Tokenizers made (and then registered) on their first lookup by name.
+_FACTORIES: dict[str, Callable[[], Tokenizer]] = {}
 
 
 def register_tokenizer(tokenizer: Tokenizer) -> None:
@@ -94,19 +99,41 @@ def register_tokenizer(tokenizer: Tokenizer) -> None:
 
 
 def get_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer called `name`; KeyError lists the known names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown tokenizer {name!r} (known: {known})") from None
+    """The tokenizer called `name`; KeyError lists the known names.
+
+    The first lookup of a BPE tokenizer loads its vocabulary (and may raise
+    `sserelay.metering.bpe.TokenizerUnavailable`): look it up before streaming."""
+    tokenizer = _REGISTRY.get(name)
+    if tokenizer is not None:
+        return tokenizer
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise KeyError(f"unknown tokenizer {name!r} (known: {', '.join(tokenizer_names())})")
+    tokenizer = factory()
+    register_tokenizer(tokenizer)
+    return tokenizer
 
 
 def tokenizer_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_FACTORIES})
+
+
+def _bpe_tokenizer(name: str, description: str) -> Callable[[], Tokenizer]:
+    def make() -> Tokenizer:
+        # Imported here, not at the top: `sserelay --version` must not pay for the BPE module.
+        from .metering.bpe import load_encoding
+
+        encoding = load_encoding(name)
+        return Tokenizer(
+            name, f"{description} ({encoding.backend})", encoding.count, encoding.counter
+        )
+
+    return make
 
 
 register_tokenizer(
     Tokenizer("whitespace", "whitespace-delimited words", count_tokens, WhitespaceCounter)
 )
 register_tokenizer(Tokenizer("chars", "Unicode code points", _count_chars, CharCounter))
+_FACTORIES["o200k_base"] = _bpe_tokenizer("o200k_base", "OpenAI BPE: gpt-4o, gpt-4.1, gpt-5, o1-o4")
+_FACTORIES["cl100k_base"] = _bpe_tokenizer("cl100k_base", "OpenAI BPE: gpt-4, gpt-3.5")

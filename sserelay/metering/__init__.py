@@ -1,0 +1,1 @@
+"""Metering: tokens, meters, bills, prices and budgets (pure)."""
