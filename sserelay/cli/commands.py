@@ -20,6 +20,7 @@ from sserelay.cli.options import (
     EXIT_USAGE,
     common_options,
     option_of,
+    print_tokenizers,
     proxy_options,
     serve_options,
 )
@@ -111,7 +112,8 @@ def proxy(**options: Any) -> None:
 
 def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, Any]:
     """The options every command shares, as config fields (taken out of `options`).
-    A request-billing run (`proxy`, `serve --as`) keeps a ledger unless told not to."""
+    A request-billing run (`proxy`, `serve --as`) keeps a ledger unless told not to, and
+    counts each request with its model's tokenizer unless told otherwise."""
     from sserelay.http.access import Access
     from sserelay.ledger import default_ledger_path
 
@@ -120,6 +122,7 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
         raise click.UsageError("--ledger and --no-ledger say opposite things: give one")
     if ledger is None and ledger_by_default and not no_ledger:
         ledger = str(default_ledger_path())
+    tokenizer = options.pop("tokenizer") or ("auto" if ledger_by_default else "whitespace")
 
     access = Access(
         token=options.pop("auth_token"),
@@ -129,7 +132,7 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
     return {
         "host": options.pop("host"),
         "port": options.pop("port"),
-        "tokenizer": options.pop("tokenizer"),
+        "tokenizer": tokenizer,
         "price": options.pop("price"),
         "heartbeat": options.pop("heartbeat"),
         "ids": not options.pop("no_ids"),
@@ -275,5 +278,12 @@ def _silence_stdout() -> None:
 
 
 main.add_command(usage)
+
+
+@main.command()
+def tokenizers() -> None:
+    """List the tokenizers --tokenizer takes, and what each counts (all offline)."""
+    print_tokenizers()
+
 
 __all__ = ["EXIT_CODES", "EXIT_USAGE", "main"]

@@ -46,6 +46,29 @@ Exit codes:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: What each tokenizer counts (without loading a vocabulary to ask it).
+TOKENIZERS = {
+    "auto": "the request's model's encoding: o200k_base for gpt-4o, gpt-4.1, gpt-5, o1-o4; "
+    "cl100k_base for gpt-4, gpt-3.5; o200k_base as an estimate for any other model",
+    "whitespace": "whitespace-delimited words (len(text.split()))",
+    "chars": "Unicode code points",
+    "o200k_base": "OpenAI's BPE of gpt-4o, gpt-4.1, gpt-5 and o1-o4 (offline)",
+    "cl100k_base": "OpenAI's BPE of gpt-4 and gpt-3.5 (offline)",
+}
+
+
+def print_tokenizers() -> None:
+    """What `sserelay tokenizers` (and `--tokenizer list`) prints: a name and what it counts."""
+    for name in tokenizer_names():
+        click.echo(f"{name:<12} {TOKENIZERS.get(name, '')}".rstrip())
+
+
+def _tokenizer_list(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value == "list":
+        print_tokenizers()
+        ctx.exit(0)
+    return value
+
 
 class Finite(click.ParamType[float, Any]):
     """A finite number in a range: click's FloatRange lets `nan` and `inf` through."""
@@ -118,9 +141,11 @@ common_options = apply(
         option("--json", "as_json", env="JSON", is_flag=True,
                help="Print the bill as one JSON object."),
         option("--quiet", "-q", env="QUIET", is_flag=True, help="No live counter on stderr."),
-        option("--tokenizer", env="TOKENIZER", default="whitespace", show_default=True,
-               metavar="NAME", type=click.Choice(tokenizer_names()),
-               help="How tokens are counted: whitespace (words) or chars."),
+        option("--tokenizer", env="TOKENIZER", metavar="NAME",
+               type=click.Choice([*tokenizer_names(), "list"]), callback=_tokenizer_list,
+               help="How tokens are counted: whitespace (words), chars, o200k_base or "
+               "cl100k_base (OpenAI's BPE, offline), or auto (the request's model's "
+               "encoding) [default: whitespace for serve, auto for proxy and serve --as]."),
         option("--price", env="PRICE", type=Finite(), metavar="AMOUNT",
                help="Price per 1M tokens; the bill then shows the cost."),
         option("--heartbeat", env="HEARTBEAT", type=Finite(), default=15.0, show_default=True,

@@ -26,6 +26,7 @@ from sserelay.http.asgi import header, peer, send_json, send_response
 from sserelay.metering.bill import ClientBill, RequestFacts
 from sserelay.metering.meter import ClientMeter, Meter, is_valid_request_id
 from sserelay.metering.reason import Reason
+from sserelay.metering.tokens import Tokenizer, tokenizer_for
 from sserelay.providers.errors import error_body
 
 #: How a request ended: its reason and its error message, if any.
@@ -132,6 +133,15 @@ class Endpoint:
                 self._finish(Reason.INTERRUPTED)
         elif self.once:
             self._finish(bill.reason, bill.error)
+
+
+async def resolve_tokenizer(name: str, model: str | None) -> tuple[Tokenizer, bool]:
+    """The tokenizer of a request for `model` under `--tokenizer NAME` (see tokenizer_for);
+    the first request that needs a vocabulary loads it in a thread, off the event loop."""
+    try:
+        return tokenizer_for(name, model, load=False)
+    except LookupError:
+        return await asyncio.to_thread(tokenizer_for, name, model)
 
 
 def request_id_header(client: ClientMeter) -> tuple[bytes, bytes]:

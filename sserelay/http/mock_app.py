@@ -35,11 +35,17 @@ from sserelay.http.asgi import (
     send_response,
     unless,
 )
-from sserelay.http.endpoint import Endpoint, Outcome, answer_error, request_id_header
+from sserelay.http.endpoint import (
+    Endpoint,
+    Outcome,
+    answer_error,
+    request_id_header,
+    resolve_tokenizer,
+)
 from sserelay.metering.bill import ClientBill, RequestFacts
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
-from sserelay.metering.tokens import Tokenizer
+from sserelay.metering.tokens import TokenCounter, Tokenizer
 from sserelay.providers.answers import (
     Answer,
     MockRequest,
@@ -78,7 +84,7 @@ class Mock(Endpoint):
         text: Text,
         meter: Meter,
         *,
-        tokenizer: Tokenizer,
+        tokenizer: str,
         line_ends: bool = True,
         pacer: Callable[[], Pacer] | None = None,
         heartbeat: float | None = None,
@@ -156,7 +162,10 @@ class Mock(Endpoint):
         self, request: MockRequest, scope: Scope, receive: Receive, send: Send, client: ClientMeter
     ) -> Outcome:
         answer = new_answer(self.provider, request, secrets.token_hex(12), int(time.time()))
-        prompt_tokens = sum(self.tokenizer.count(text) for text in request.prompt)
+        tokenizer, estimate = await resolve_tokenizer(self.tokenizer, request.model)
+        client.tokenizer = tokenizer.name, estimate
+        prompt_tokens = sum(tokenizer.count(text) for text in request.prompt)
+        counter = tokenizer.counter()
         try:
             passes = await self.text.open()
         except SourceError as exc:
@@ -164,10 +173,10 @@ class Mock(Endpoint):
             return Reason.INPUT_ERROR, str(exc)
         sink = ASGISink(receive, send, scope)
         if request.stream:
-            frames = self._stream(answer, passes, prompt_tokens)
+            frames = self._stream(answer, passes, prompt_tokens, counter, tokenizer.holds_back)
             headers: list[tuple[bytes, bytes]] = [*SSE_HEADERS, *self.access.cors_headers]
         else:
-            frames = self._whole(answer, passes, prompt_tokens)
+            frames = self._whole(answer, passes, prompt_tokens, tokenizer)
             headers = [*JSON_HEADERS, *self.access.cors_headers]
         headers.append(request_id_header(client))
         try:
@@ -196,12 +205,18 @@ class Mock(Endpoint):
         return [chunk + "\n" for chunk in batch] if self.line_ends else batch
 
     async def _stream(
-        self, answer: Answer, passes: Pass, prompt_tokens: int
+        self,
+        answer: Answer,
+        passes: Pass,
+        prompt_tokens: int,
+        counter: TokenCounter,
+        holds_back: bool,
     ) -> AsyncIterator[Frames]:
         """The opening events at once, one event per chunk as each read makes it
         ready (or as the pacer says: each request is paced on its own), then the
-        closing events with the usage."""
-        counter = self.tokenizer.counter()
+        closing events with the usage. The deltas are counted over the joined text;
+        what a BPE count holds back is billed with the closing events (or, if the client
+        leaves first, as the tail of what it was sent)."""
         pacer = self.pacer() if self.pacer is not None else None
         completion_tokens = 0
 
@@ -211,21 +226,28 @@ class Mock(Endpoint):
                 if isinstance(batch, TimedBatch):
                     at, batch = batch.at, batch.chunks
                 chunks = self._chunks(batch)
-                yield chunks, [counter.feed(chunk) for chunk in chunks], at
+                tokens, pendings = [], []
+                for chunk in chunks:
+                    tokens.append(counter.feed(chunk))
+                    if holds_back:
+                        pendings.append(counter.pending())
+                yield chunks, tokens, at, pendings
 
         try:
             yield _frames(answer.start())
-            async for chunks, tokens in paced(counted(), pacer):
+            async for chunks, tokens, pending in paced(counted(), pacer):
                 events = [event for chunk in chunks for event in answer.text(chunk)]
                 if events:
                     completion_tokens += sum(tokens)
-                    yield _frames(events, sum(tokens))
+                    yield _frames(events, sum(tokens), pending)
         finally:
             await passes.aclose()
-        yield _frames(answer.end(prompt_tokens, completion_tokens))
+        rest = counter.flush()
+        completion_tokens += rest
+        yield _frames(answer.end(prompt_tokens, completion_tokens), rest)
 
     async def _whole(
-        self, answer: Answer, passes: Pass, prompt_tokens: int
+        self, answer: Answer, passes: Pass, prompt_tokens: int, tokenizer: Tokenizer
     ) -> AsyncIterator[Frames]:
         """One answer object once the text has ended (unpaced): one event, all its tokens."""
         parts: list[str] = []
@@ -235,13 +257,13 @@ class Mock(Endpoint):
         finally:
             await passes.aclose()
         text = "".join(parts)
-        tokens = self.tokenizer.counter().feed(text)
+        tokens = tokenizer.count(text)
         yield Frames(encode_json(answer.whole(text, prompt_tokens, tokens)), 1, tokens)
 
 
-def _frames(events: list[Event], tokens: int = 0) -> Frames:
+def _frames(events: list[Event], tokens: int = 0, pending: int = 0) -> Frames:
     payload = b"".join(encode_event(event) for event in events)
-    return Frames(payload, len(events), tokens)
+    return Frames(payload, len(events), tokens, pending)
 
 
 def create_mock_app(mock: Mock) -> Starlette:

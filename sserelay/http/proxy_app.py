@@ -41,7 +41,13 @@ from sserelay.http.asgi import (
     unless,
     watch_disconnect,
 )
-from sserelay.http.endpoint import Endpoint, Outcome, answer_error, request_id_header
+from sserelay.http.endpoint import (
+    Endpoint,
+    Outcome,
+    answer_error,
+    request_id_header,
+    resolve_tokenizer,
+)
 from sserelay.metering.bill import RequestFacts
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
@@ -79,7 +85,7 @@ class Proxy(Endpoint):
         upstream: Upstream,
         meter: Meter,
         *,
-        tokenizer: Tokenizer,
+        tokenizer: str,
         payload: str = "auto",
         keep_comments: bool = False,
         include_usage: bool = False,
@@ -184,7 +190,9 @@ class Proxy(Endpoint):
                 return Reason.CLIENT_DISCONNECTED, None
             client.update_request(status=response.status)
             sink.status = response.status
-            relay, headers = self._relay_for(response, strip_usage)
+            tokenizer, estimate = await resolve_tokenizer(self.tokenizer, model)
+            client.tokenizer = tokenizer.name, estimate
+            relay, headers = self._relay_for(response, strip_usage, tokenizer)
             progress = _Progress()
             if recorder is not None:
                 recorder.start(
@@ -244,27 +252,29 @@ class Proxy(Endpoint):
             return body, False, model
         return json.dumps(rewritten, ensure_ascii=False).encode(), True, model
 
-    def _relay_for(self, response: UpstreamResponse, strip_usage: bool) -> tuple[Relay, Headers]:
+    def _relay_for(
+        self, response: UpstreamResponse, strip_usage: bool, tokenizer: Tokenizer
+    ) -> tuple[Relay, Headers]:
         payload = PayloadMeter(self.payload)
         kind = response.content_type
         headers = response.headers
         if response.status >= 400:
-            return BodyRelay(payload, self.tokenizer, meter=False), headers
+            return BodyRelay(payload, tokenizer, meter=False), headers
         if kind == "text/event-stream":
             headers = [(n, v) for n, v in headers if n != b"content-length"]
             if not any(n == b"x-accel-buffering" for n, _ in headers):
                 headers.append((b"x-accel-buffering", b"no"))
             relay: Relay = EventRelay(
                 payload,
-                self.tokenizer,
+                tokenizer,
                 keep_comments=self.keep_comments,
                 strip_usage=strip_usage,
             )
             return relay, headers
         if kind == "application/json" or kind.endswith("+json"):
-            return BodyRelay(payload, self.tokenizer), headers
+            return BodyRelay(payload, tokenizer), headers
         text = kind.startswith("text/") and self.payload in ("auto", "raw")
-        return LineRelay(payload, self.tokenizer, text=text), headers
+        return LineRelay(payload, tokenizer, text=text), headers
 
     async def _frames(
         self,

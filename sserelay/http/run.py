@@ -29,11 +29,11 @@ from sserelay.http.server import bound_address, listen, serve_app
 from sserelay.http.stream_app import StreamSession, create_app, ui_page
 from sserelay.ledger import new_instance_id, open_ledger
 from sserelay.ledger.writer import LedgerWriter
-from sserelay.metering.bill import Bill, Totals
+from sserelay.metering.bill import Bill, ClientBill, Totals
 from sserelay.metering.meter import MAX_BILL_ROWS, ClientMeter, Meter, MeterObserver
 from sserelay.metering.pricing import PriceList, Pricing
 from sserelay.metering.reason import Reason
-from sserelay.metering.tokens import Tokenizer, get_tokenizer
+from sserelay.metering.tokens import TokenCounter, Tokenizer, tokenizer_for
 from sserelay.record.recorder import Recorder
 from sserelay.record.replay import RecordingSource, ReplayCount, looks_like_recording
 from sserelay.secrecy import Redactor
@@ -122,10 +122,12 @@ async def run(
     tokenizer = _tokenizer(config.tokenizer)
     pricing = Pricing(config.price, _price_list(config))
     once = isinstance(config, MockConfig | ProxyConfig) and config.once
-    meter = Meter(tokenizer.name, pricing=pricing, keep_rows=None if once else MAX_BILL_ROWS)
+    meter = Meter(config.tokenizer, pricing=pricing, keep_rows=None if once else MAX_BILL_ROWS)
     for observer in observers:
         meter.subscribe(observer)
     warnings: list[str] = []
+    if pricing.models is not None:
+        meter.subscribe(_Unpriced(pricing, warnings, on_warning))
     async with _ledger(config, meter, warnings, on_warning) as ledger:
         endpoint, signals = await _serve_until_done(
             config,
@@ -184,6 +186,33 @@ async def _serve_until_done(
     return endpoint, signals
 
 
+class _Unpriced(MeterObserver):
+    """Says once per model that a price list has no price for it (its requests' cost is
+    null, and the bill counts them)."""
+
+    def __init__(
+        self, pricing: Pricing, warnings: list[str], on_warning: Callable[[str], None] | None
+    ) -> None:
+        self._pricing = pricing
+        self._warnings = warnings
+        self._on_warning = on_warning
+        self._said: set[str] = set()
+
+    def closed(self, bill: ClientBill) -> None:
+        model = bill.model
+        if bill.request is None or bill.cost is not None or model in self._said:
+            return
+        if len(self._said) < 100:  # a client naming a thousand models gets a hundred lines
+            self._said.add(model or "")
+            message = (
+                f"no price for model {model or '(none named)'} in the price list: its "
+                "requests are unpriced (cost null)"
+            )
+            self._warnings.append(message)
+            if self._on_warning is not None:
+                self._on_warning(message)
+
+
 class _LedgerUse:
     """The run's ledger, as run() reports it."""
 
@@ -224,7 +253,7 @@ async def _ledger(
             instance=instance,
             tokenizer=meter.tokenizer,
             checkpoint=config.checkpoint,
-            price_of=lambda c: meter.pricing.cost(c.tokens, c.upstream_usage, c.model),
+            price_of=lambda c: meter.pricing.cost(c.billed_tokens, c.upstream_usage, c.model),
             on_warning=warn,
             dead_after=dead_after,
         )
@@ -249,8 +278,10 @@ async def _ledger(
 
 
 def _tokenizer(name: str) -> Tokenizer:
+    """The run's tokenizer, loaded now (a missing vocabulary package is said before the
+    start); for `auto`, the encoding a request without a known model gets."""
     try:
-        return get_tokenizer(name)
+        return tokenizer_for(name)[0]
     except KeyError as exc:
         raise ConfigError(str(exc.args[0]), "tokenizer") from None
 
@@ -311,20 +342,27 @@ async def _serve(
 async def _serve_source(
     config: ServeConfig, tokenizer: Tokenizer, meter: Meter, source: TextSource | RecordingSource
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    # A line is whole, so it is counted alone; words and raw reads are pieces
-    # of one text, counted over the joined text (a word split in two is one token).
-    count = tokenizer.count if config.chunk == "line" else tokenizer.counter().feed
+    # A line is whole, so it is counted alone; words and raw reads are pieces of one text,
+    # counted over the joined text (a word split in two is one token; a BPE count holds
+    # back its open tail, billed at the end or as far as a leaving client got).
+    count: Callable[[str], int] = tokenizer.count
+    count_end: Callable[[], int] | None = None
+    pending: Callable[[], int] | None = None
     # How /ui reads the events: the events are the text, unless they replay a provider's payloads.
     payloads = ""
-    count_end = None
     if isinstance(source, RecordingSource):
         payloads = source.payloads
-        replay_count = ReplayCount(tokenizer, payloads)
-        count, count_end = replay_count.feed, replay_count.flush
+        counter: TokenCounter | ReplayCount = ReplayCount(tokenizer, payloads)
+    elif config.chunk != "line":
+        counter = tokenizer.counter()
+    if isinstance(source, RecordingSource) or config.chunk != "line":
+        count, count_end = counter.feed, counter.flush
+        pending = counter.pending if tokenizer.holds_back else None
     hub = Hub(
         source,
         count=count,
         count_end=count_end,
+        pending=pending,
         ids=config.ids,
         history=config.history,
         max_lag=config.lag_limit,
@@ -390,7 +428,7 @@ async def _mock_text(
         config.provider,
         text,
         meter,
-        tokenizer=tokenizer,
+        tokenizer=config.tokenizer,
         line_ends=line_ends,
         pacer=pacer if pacer().active else None,
         heartbeat=config.heartbeat_s,
@@ -428,7 +466,7 @@ async def _proxy(
         proxy = Proxy(
             upstream,
             meter,
-            tokenizer=tokenizer,
+            tokenizer=config.tokenizer,
             payload=config.payload,
             keep_comments=config.keep_comments,
             include_usage=config.include_usage,

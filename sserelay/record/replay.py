@@ -176,5 +176,8 @@ class ReplayCount:
     def feed(self, data: str) -> int:
         return self._counter.feed(self._text.feed(data))
 
+    def pending(self) -> int:
+        return self._counter.pending()
+
     def flush(self) -> int:
-        return self._counter.feed(self._text.flush())
+        return self._counter.feed(self._text.flush()) + self._counter.flush()

@@ -157,10 +157,10 @@ async def relay_frames(
     if pump.cancelled() or isinstance(pump.exception(), _Gone):
         # The watcher ran to its end only if the client went away (else it was cancelled).
         if stop is not None and stop.done() and watcher.cancelled():
-            raise Interrupted(client.tokens)
-        raise ClientDisconnected(client.tokens)
+            raise Interrupted(client.billed_tokens)
+        raise ClientDisconnected(client.billed_tokens)
     pump.result()  # re-raises a source error
-    return client.tokens
+    return client.billed_tokens
 
 
 class _Activity:
@@ -193,12 +193,12 @@ async def _pump(
                 except asyncio.CancelledError:
                     # Cancelled once the connection had the bytes: they are the client's.
                     if getattr(sink, "accepted", False):
-                        client.record(item.events, item.tokens, len(item.payload))
+                        client.record(item.events, item.tokens, len(item.payload), item.pending)
                     raise
                 if not delivered:
                     raise _Gone
             activity.last = time()
-        client.record(item.events, item.tokens, len(item.payload))
+        client.record(item.events, item.tokens, len(item.payload), item.pending)
 
 
 async def _keep_alive(sink: EventSink, interval: float, activity: _Activity) -> None:
