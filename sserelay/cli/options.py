@@ -39,7 +39,7 @@ Exit codes:
   2    usage error
   3    client_disconnected: the client went away before the end
   4    upstream_error: the upstream failed
-  5    input_error: the input could not be read
+  5    input_error: the input could not be read, or its command failed
   6    slow_client: the last client fell too far behind (--max-lag) and was cut off
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM
 """

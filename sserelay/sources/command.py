@@ -32,7 +32,6 @@ import shlex
 import signal
 import subprocess
 import time
-import tty
 from collections.abc import AsyncGenerator, Sequence
 
 from sserelay.errors import SourceError
@@ -110,6 +109,8 @@ class CommandSource:
 
     def start(self) -> None:
         """Start the command now, under a fresh raw pty (inside a running event loop)."""
+        import tty  # Unix only: imported when a command is run, not with the package
+
         loop = asyncio.get_running_loop()
         master, slave = os.openpty()  # both non-inheritable: the child gets slave as fd 1
         try:
