@@ -128,6 +128,9 @@ class CommandSource:
         except OSError as exc:
             os.close(master)
             raise SourceError(f"cannot run {_quote(self.argv[0])}: {exc.strerror or exc}") from exc
+        except BaseException:  # termios.error is no OSError
+            os.close(master)
+            raise
         finally:
             os.close(slave)  # the child's copy is the only one: its exit is our EIO
         self._master = master
