@@ -82,10 +82,12 @@ def start_relay(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
 ) -> Relay:
-    """Run `python -m sserelay ARGS` (with `--port 0` unless a port is given)."""
+    """Run `python -m sserelay ARGS` (with `--port 0` unless a port is given; before a
+    `--`, after which the arguments are a command's)."""
     argv = [sys.executable, "-m", "sserelay", *args]
     if "--port" not in args and not (env and "SSERELAY_PORT" in env):
-        argv += ["--port", "0"]
+        at = argv.index("--") if "--" in argv else len(argv)
+        argv[at:at] = ["--port", "0"]
     proc = subprocess.Popen(
         argv,
         stdin=stdin,

@@ -18,6 +18,7 @@ from sserelay.cli.options import (
     EXIT_ERROR,
     EXIT_SIGTERM,
     EXIT_USAGE,
+    CommandAfterDashes,
     common_options,
     option_of,
     print_tokenizers,
@@ -42,7 +43,11 @@ def main() -> None:
     """
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+#: An option left at its default (not given on the command line or in the environment).
+_DEFAULT = click.core.ParameterSource.DEFAULT
+
+
+@main.command(cls=CommandAfterDashes, epilog=EXIT_CODES_HELP)
 @serve_options
 @common_options
 def serve(**options: Any) -> None:
@@ -56,9 +61,16 @@ def serve(**options: Any) -> None:
     the last client leaves before the end, the bill is printed on stdout and
     sserelay exits; with --keep it serves until Ctrl-C. /ui is a live page.
 
+    With -- CMD [ARGS]..., sserelay runs CMD and serves its output. CMD's
+    stdout is a pseudo-terminal, so it line-buffers as in a terminal (no
+    stdbuf needed); its stdin is /dev/null; its stderr is kept, and its last
+    line is reported if CMD fails (non-zero exit: input_error). It is stopped
+    with its children (SIGTERM, then SIGKILL) when the run ends.
+
     \b
-    Example:
+    Examples:
       cat tokens.txt | sserelay serve --port 8000
+      sserelay serve -- python3 generate.py --n 100
       curl -N http://127.0.0.1:8000/
     """
     from sserelay.http.config import MockConfig, ServeConfig
@@ -67,14 +79,19 @@ def serve(**options: Any) -> None:
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     provider, once = options.pop("provider"), options.pop("once")
     common = _common(options, ledger_by_default=provider is not None)
-    paced = {name: options.pop(name) for name in ("source", "chunk", "rate", "delay", "realtime")}
+    paced = {
+        name: options.pop(name)
+        for name in ("source", "command", "chunk", "rate", "delay", "realtime")
+    }
+    if paced["command"] and ctx.get_parameter_source("source") is not _DEFAULT:
+        raise click.UsageError("SOURCE and -- CMD are two sources: give one")
     if provider is None:
         if once:
             raise click.UsageError("--once goes with --as (a plain stream ends by itself)")
         config: Config = _config(ServeConfig, **common, **paced, **options)
     else:
         for name in ("keep", "history", "max_lag"):
-            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            if ctx.get_parameter_source(name) is not _DEFAULT:
                 flag = option_of(name)
                 raise click.UsageError(f"{flag} is for a broadcast stream; --as answers "
                                        "each request anew")  # fmt: skip

@@ -39,7 +39,7 @@ Exit codes:
   2    usage error
   3    client_disconnected: the client went away before the end
   4    upstream_error: the upstream failed
-  5    input_error: the input could not be read
+  5    input_error: the input could not be read, or its command failed
   6    slow_client: the last client fell too far behind (--max-lag) and was cut off
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM
 """
@@ -174,7 +174,8 @@ common_options = apply(
 
 serve_options = apply(
     [
-        click.argument("source", required=False, default="-", metavar="[SOURCE]"),
+        click.argument("source", required=False, default="-",
+                       metavar="[SOURCE | -- CMD [ARGS]...]"),
         option("--chunk", env="CHUNK", type=click.Choice(CHUNK_MODES), default="line",
                show_default=True,
                help="One event per line, per word (with the whitespace before it, like model "
@@ -239,7 +240,29 @@ proxy_options = apply(
 )  # fmt: skip
 
 #: The option that sets each config field, where it is not `--field-name`.
-OPTION_OF_FIELD = {"provider": "--as", "source": "SOURCE", "upstream_headers": "--upstream-header"}
+OPTION_OF_FIELD = {
+    "provider": "--as",
+    "source": "SOURCE",
+    "command": "CMD",
+    "upstream_headers": "--upstream-header",
+}
+
+
+class CommandAfterDashes(click.Command):
+    """A command whose arguments after the first `--` are a program to run and its own
+    arguments (`serve -- CMD ARGS...`), put in the `command` parameter as a tuple:
+    click alone would hand the program's name to SOURCE."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        command: tuple[str, ...] = ()
+        if "--" in args:
+            at = args.index("--")
+            args, command = args[:at], tuple(args[at + 1 :])
+            if not command:
+                raise click.UsageError("-- is followed by nothing: give the command to run", ctx)
+        rest = super().parse_args(ctx, args)
+        ctx.params["command"] = command
+        return rest
 
 
 def option_of(field: str | None) -> str | None:

@@ -93,6 +93,8 @@ class _Paced(RunConfig):
 
     #: a path, or "-" for stdin
     source: str = "-"
+    #: a program and its arguments, run under a pty: its output is the source instead
+    command: tuple[str, ...] = ()
     chunk: str = "line"
     #: tokens per second
     rate: float | None = None
@@ -104,6 +106,12 @@ class _Paced(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("chunk", self.chunk, CHUNK_MODES)
+        if self.command:
+            object.__setattr__(self, "command", tuple(self.command))  # a list given is kept
+            if not self.command[0]:
+                raise ConfigError("the command is empty", "command")
+            if self.source != "-":
+                raise ConfigError("give SOURCE or a command to run, not both", "command")
         _finite("rate", self.rate, open_low=True)
         _finite("delay", self.delay)
         if self.realtime and (self.rate is not None or self.delay):

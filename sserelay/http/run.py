@@ -37,6 +37,7 @@ from sserelay.metering.tokens import TokenCounter, Tokenizer, tokenizer_for
 from sserelay.record.recorder import Recorder
 from sserelay.record.replay import RecordingSource, ReplayCount, looks_like_recording
 from sserelay.secrecy import Redactor
+from sserelay.sources.command import CommandSource
 from sserelay.sources.pacing import Pacer
 from sserelay.sources.shared import FileText, SharedText
 from sserelay.sources.text import TextSource
@@ -327,8 +328,10 @@ async def _serve(
     config: ServeConfig, tokenizer: Tokenizer, meter: Meter
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
     """`serve`: one hub over the source, broadcast to every client, and /ui."""
-    source: TextSource | RecordingSource
-    if looks_like_recording(config.source):
+    source: TextSource | RecordingSource | CommandSource
+    if config.command:
+        source = CommandSource(config.command, config.chunk)
+    elif looks_like_recording(config.source):
         source = RecordingSource(config.source)
     else:
         source = TextSource(config.source, config.chunk)
@@ -340,7 +343,10 @@ async def _serve(
 
 @contextlib.asynccontextmanager
 async def _serve_source(
-    config: ServeConfig, tokenizer: Tokenizer, meter: Meter, source: TextSource | RecordingSource
+    config: ServeConfig,
+    tokenizer: Tokenizer,
+    meter: Meter,
+    source: TextSource | RecordingSource | CommandSource,
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
     # A line is whole, so it is counted alone; words and raw reads are pieces of one text,
     # counted over the joined text (a word split in two is one token; a BPE count holds
@@ -375,8 +381,11 @@ async def _serve_source(
     if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
         # For the leak tests only; not an option, not documented to users.
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _print_tasks)
+    notes = (
+        [f"running {source.name} (pid {source.pid})"] if isinstance(source, CommandSource) else []
+    )
     try:
-        yield session, create_app(session, ui=page), []
+        yield session, create_app(session, ui=page), notes
     finally:
         await hub.aclose()
 
@@ -389,16 +398,18 @@ def _print_tasks() -> None:
 async def _mock(
     config: MockConfig, tokenizer: Tokenizer, meter: Meter
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    """`serve --as`: a file (or recording) is read anew for each request; stdin, a pipe or
-    a FIFO once and kept; each request is paced on its own, by a new Pacer."""
-    recording = looks_like_recording(config.source)
+    """`serve --as`: a file (or recording) is read anew for each request; stdin, a pipe,
+    a FIFO or a command once and kept; each request is paced on its own, by a new Pacer."""
+    recording = not config.command and looks_like_recording(config.source)
 
-    def open_source() -> TextSource | RecordingSource:
+    def open_source() -> TextSource | RecordingSource | CommandSource:
+        if config.command:
+            return CommandSource(config.command, config.chunk)
         if recording:
             return RecordingSource(config.source, as_text=True)
         return TextSource(config.source, config.chunk)
 
-    _check_realtime(config.realtime, config.source, recording)
+    _check_realtime(config.realtime, " ".join(config.command) or config.source, recording)
     async with contextlib.AsyncExitStack() as held:
         first = open_source()
         await held.enter_async_context(first)  # a missing file fails now, before listening
@@ -406,7 +417,7 @@ async def _mock(
         if recording or first.rereadable:
             await held.aclose()  # it opens; each request opens its own
             text = FileText(open_source)
-        else:  # stdin, a pipe, a FIFO: read once and kept, closed at the end of the run
+        else:  # stdin, a pipe, a FIFO, a command: read once and kept, closed at the end
             text = SharedText(first)
             held.push_async_callback(text.aclose)
         line_ends = config.chunk == "line" and not recording
