@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -41,6 +42,15 @@ class Settings:
     fanout_seconds: float = 5.0
     proxy_trials: int = 100
     startup_runs: int = 7
+    fanout10k_clients: int = 10_000
+    fanout10k_rate: float = 10.0
+    fanout10k_seconds: float = 5.0
+    capacity_streams: tuple[int, ...] = (100, 500, 1000)
+    capacity_rate: float = 50.0
+    capacity_warmup: float = 2.0
+    capacity_window: float = 5.0
+    litellm_max_streams: int = 100
+    pin: bool = True  # the capacity figures: the server on a CPU of its own
 
     @property
     def lines_file(self) -> Path:
@@ -130,13 +140,15 @@ class Feed:
 
 
 @contextlib.asynccontextmanager
-async def producing(rate: float, count: int) -> AsyncIterator[Feed]:
+async def producing(
+    rate: float, count: int, *, cpus: AbstractSet[int] | None = None
+) -> AsyncIterator[Feed]:
     """Start bench/producer.py: `count` lines at `rate`/s once `go()` is called."""
     gate_read, gate_write = os.pipe()
     data_read, data_write = os.pipe()
     command = [sys.executable, str(BENCH / "producer.py"), f"--rate={rate}", f"--count={count}"]
     try:
-        process = await spawn(command, stdin=gate_read, stdout=data_write)
+        process = await spawn(command, stdin=gate_read, stdout=data_write, cpus=cpus)
     except BaseException:
         for fd in (gate_write, data_read):
             os.close(fd)
