@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 from lineup import BENCH, HOST, Contender, Server, exited, help_text, reap, running, spawn
 from loadgen import SSEClient, open_stream, percentile
@@ -50,7 +50,7 @@ class Settings:
     capacity_warmup: float = 2.0
     capacity_window: float = 5.0
     litellm_max_streams: int = 100
-    pin: bool = True  # the capacity figures: the server on a CPU of its own
+    pin: bool = True  # the capacity figure: the proxy on a CPU of its own
 
     @property
     def lines_file(self) -> Path:
@@ -277,14 +277,19 @@ async def fanout(contender: Contender, settings: Settings) -> Outcome:
     return Outcome(metrics, note)
 
 
+class HasCPU(Protocol):
+    def cpu_seconds(self) -> float: ...
+
+
 class CPUMeter:
     """The server's CPU use from now on, as % of one core. Sampled every 100 ms, so a
     server that exits at the end of its stream is still measured up to its last moment."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: HasCPU) -> None:
         self.server = server
         self.start = (server.cpu_seconds(), time.monotonic())
         self.last = self.start
+        self.history = [self.start]
         self._task = asyncio.create_task(self._sample())
 
     async def _sample(self) -> None:
@@ -295,6 +300,7 @@ class CPUMeter:
     def _read(self) -> None:
         with contextlib.suppress(OSError, IndexError, ValueError):  # gone, or a zombie
             self.last = (self.server.cpu_seconds(), time.monotonic())
+            self.history.append(self.last)
 
     async def stop(self) -> None:
         self._read()
@@ -306,6 +312,13 @@ class CPUMeter:
     def percent(self) -> float:
         wall = self.last[1] - self.start[1]
         return 100 * (self.last[0] - self.start[0]) / wall if wall > 0 else float("nan")
+
+    def percent_until(self, moment: float) -> float:
+        """The CPU use from the start to the first sample at or after `moment`
+        (time.monotonic()): e.g. the last event delivered, not the shutdown after it."""
+        end = next((sample for sample in self.history if sample[1] >= moment), self.last)
+        wall = end[1] - self.start[1]
+        return 100 * (end[0] - self.start[0]) / wall if wall > 0 else float("nan")
 
 
 # -- 5. proxy ------------------------------------------------------------------

@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-pin",
         action="store_true",
-        help="capacity, fanout10k: do not give the server a CPU of its own",
+        help="capacity: do not give the proxy a CPU of its own",
     )
     parser.add_argument(
         "--sserelay",

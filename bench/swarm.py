@@ -148,6 +148,8 @@ class Swarm:
             "samples": len(window.delays),
             "events_total": window.events - events_before,
             "seconds": (finished_ns - start_ns) / 1e9,
+            # When the last event arrived: the end of the busy part, not of the shutdown.
+            "last_event_ns": max((c.stats.last_event_ns or 0 for c in self.clients), default=0),
         }
 
     def close(self) -> None:
