@@ -127,6 +127,7 @@ class Swarm:
     def __init__(self, process: asyncio.subprocess.Process, samples: Path) -> None:
         self.process = process
         self.samples = samples
+        self._end_ns = 0
 
     @property
     def pid(self) -> int:
@@ -153,11 +154,22 @@ class Swarm:
         _, total, failed = (await self._ask(f"connect {count}", 120)).split()
         return int(total), int(failed)
 
-    async def measure(self, start_ns: int, end_ns: int) -> tuple[dict[str, float], list[int]]:
-        """Delays of the events received in [start_ns, end_ns) (sooner if every stream
-        ends): the swarm's summary and the delays, in ns."""
-        timeout = (end_ns - time.monotonic_ns()) / 1e9 + 30
-        answer = await self._ask(f"measure {start_ns} {end_ns}", timeout)
+    async def arm(self, start_ns: int, end_ns: int) -> None:
+        """Start recording the events received in [start_ns, end_ns); returns once the
+        swarm is recording, so a source started after it loses no first event."""
+        answer = await self._ask(f"measure {start_ns} {end_ns}", 30)
+        if answer != "measuring":
+            raise ServerError(f"swarm answered {answer[:100]!r} to measure")
+        self._end_ns = end_ns
+
+    async def result(self) -> tuple[dict[str, float], list[int]]:
+        """Once the window is over (sooner if every stream ends): the swarm's summary
+        and the delays, in ns."""
+        assert self.process.stdout is not None
+        timeout = (self._end_ns - time.monotonic_ns()) / 1e9 + 30
+        answer = (await asyncio.wait_for(self.process.stdout.readline(), timeout)).decode()
+        if not answer.startswith("result "):
+            raise ServerError(f"swarm ended without a result: {answer[:100]!r}")
         summary: dict[str, float] = json.loads(answer.removeprefix("result "))
         delays = array.array("q")
         delays.frombytes(self.samples.read_bytes())
@@ -417,7 +429,7 @@ async def capacity_one(
             return {}, f"N={streams}: no stream connected"
         start_ns = time.monotonic_ns() + int(settings.capacity_warmup * 1e9)
         end_ns = start_ns + int(settings.capacity_window * 1e9)
-        measuring = asyncio.create_task(clients.measure(start_ns, end_ns))
+        await clients.arm(start_ns, end_ns)
         await asyncio.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
 
         def cpu() -> tuple[float, float, float, int, float]:
@@ -429,7 +441,7 @@ async def capacity_one(
         before = cpu()
         await asyncio.sleep(max(0.0, (end_ns - time.monotonic_ns()) / 1e9))
         after = cpu()
-        summary, delays = await measuring
+        summary, delays = await clients.result()
     wall = (after[3] - before[3]) / 1e9
     seconds = summary["seconds"]
     metrics = {
@@ -543,12 +555,13 @@ async def fanout10k(contender: Contender, settings: Settings) -> Outcome:
                 rss_full = server.rss_bytes()
                 if connected < clients:
                     return Outcome(note=f"only {connected} of {clients} connected")
-                cpu, client_cpu = CPUMeter(server), CPUMeter(load)
                 began = time.monotonic_ns()
+                await load.arm(began, began + int((seconds + 15) * 1e9))
+                cpu, client_cpu = CPUMeter(server), CPUMeter(load)
                 feed.go()
                 # Until every stream has ended (the producer's last line), bounded.
                 try:
-                    summary, lags = await load.measure(began, began + int((seconds + 15) * 1e9))
+                    summary, lags = await load.result()
                 finally:
                     await cpu.stop()
                     await client_cpu.stop()

@@ -9,8 +9,9 @@ Driven by lines on stdin, answered by lines on stdout:
   response head) -> `connected TOTAL FAILED`.
 - `measure T0 T1`: record the delay of every event received in [T0, T1)
   (time.monotonic_ns(); the clock is shared by every process on the host) ->
-  at T1, or once every stream has ended, `result {JSON}`; the delays, in ns,
-  go to FILE as native int64s.
+  `measuring` at once (armed: start the source now), then, at T1 or once
+  every stream has ended, `result {JSON}`; the delays, in ns, go to FILE as
+  native int64s.
 - EOF: close every stream and exit.
 
 An event's delay is its receive time minus the stamp inside it: `--stamp
@@ -89,6 +90,7 @@ class Swarm:
         self.clients: list[Client] = []
         self.failed = 0
         self.window = Window()
+        self._events_before = 0
         self.stamp = STAMPS[args.stamp]
         host = f"{args.host}:{args.port}"
         extra = "".join(f"{header}\r\n" for header in args.header)
@@ -127,11 +129,16 @@ class Swarm:
 
         await asyncio.gather(*(one() for _ in range(count)))
 
-    async def measure(self, start_ns: int, end_ns: int) -> dict[str, float]:
+    def arm(self, start_ns: int, end_ns: int) -> None:
+        """Record from now on what arrives in [start_ns, end_ns)."""
         window = self.window
         window.delays = array.array("q")
         window.start, window.end = start_ns, end_ns
-        events_before = window.events
+        self._events_before = window.events
+
+    async def measure(self, start_ns: int, end_ns: int) -> dict[str, float]:
+        window = self.window
+        events_before = self._events_before
         left = max(0.0, (end_ns - time.monotonic_ns()) / 1e9)
         if self.clients:
             # Until the window ends, or every stream has (a failed one just ends short).
@@ -174,7 +181,11 @@ async def drive(args: argparse.Namespace) -> None:
                 await swarm.connect(int(rest[0]))
                 say(f"connected {len(swarm.clients)} {swarm.failed}")
             elif command == "measure":
-                result = await swarm.measure(int(rest[0]), int(rest[1]))
+                start_ns, end_ns = int(rest[0]), int(rest[1])
+                swarm.arm(start_ns, end_ns)
+                # Armed: the parent may start the source now, no first event is missed.
+                say("measuring")
+                result = await swarm.measure(start_ns, end_ns)
                 say("result " + json.dumps(result))
     finally:
         swarm.close()
