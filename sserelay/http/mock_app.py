@@ -23,8 +23,8 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from sserelay.errors import ClientDisconnected, Interrupted, SourceError
-from sserelay.http.access import Access
+from sserelay.errors import BudgetExhausted, ClientDisconnected, Interrupted, SourceError
+from sserelay.http.access import Access, Keys
 from sserelay.http.asgi import (
     MAX_REQUEST_BODY,
     ASGISink,
@@ -39,6 +39,7 @@ from sserelay.http.endpoint import (
     Endpoint,
     Outcome,
     answer_error,
+    budget_message,
     request_id_header,
     resolve_tokenizer,
 )
@@ -90,10 +91,11 @@ class Mock(Endpoint):
         heartbeat: float | None = None,
         once: bool = False,
         access: Access | None = None,
+        keys: Keys | None = None,
     ) -> None:
         if provider not in COMPLETION_PATHS:
             raise ValueError(f"unknown provider {provider!r}")
-        super().__init__(meter, access=access, once=once)
+        super().__init__(meter, access=access, once=once, keys=keys)
         self.provider = provider
         self.text = text
         self.tokenizer = tokenizer
@@ -102,9 +104,9 @@ class Mock(Endpoint):
         self.heartbeat = heartbeat
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = self.access.authorize(scope)
+        refusal = self.refusal(scope)
         if refusal is not None:
-            await self.refuse(send, refusal, self.provider)
+            await self.refuse(scope, send, refusal, self.provider)
             return
         await send_json(send, 200, models_list(self.provider), self.access.cors_headers)
 
@@ -125,9 +127,9 @@ class Mock(Endpoint):
         if scope["method"] == "OPTIONS":
             await self.preflight(scope, receive, send)
             return
-        refusal = self.refusal(scope)
+        key, refusal = self.identify(scope)
         if refusal is not None:
-            await self.refuse(send, refusal, self.provider)
+            await self.refuse(scope, send, refusal, self.provider, key=key)
             return
         try:
             body = await unless(read_body(receive, MAX_REQUEST_BODY), self.stop)
@@ -141,16 +143,19 @@ class Mock(Endpoint):
         except ValueError as exc:
             await answer_error(send, 400, str(exc), self.provider)
             return
-        refusal = self.refusal(scope)  # again: with --once, another may have been taken
+        facts = RequestFacts(scope["method"], scope["path"], request.model)
+        # Again: with --once, another may have been taken; and now the model is known.
+        refusal = self.refusal(scope) or self.admit(key, request.model)
         if refusal is not None:
-            await self.refuse(send, refusal, self.provider)
+            await self.refuse(scope, send, refusal, self.provider, request=facts, key=key)
             return
         # No await from the check above to the claim in serve_client().
         await self.serve_client(
             scope,
             lambda client: self._answer(request, scope, receive, send, client),
-            request=RequestFacts(scope["method"], scope["path"], request.model),
+            request=facts,
             unforeseen=(Reason.INPUT_ERROR, "the mock failed unexpectedly"),
+            key=key,
         )
 
     def _ended(self, bill: ClientBill) -> None:
@@ -179,6 +184,7 @@ class Mock(Endpoint):
             frames = self._whole(answer, passes, prompt_tokens, tokenizer)
             headers = [*JSON_HEADERS, *self.access.cors_headers]
         headers.append(request_id_header(client))
+        gate = self.gate(client, self.budget_event(client, self.provider))
         try:
             await relay_frames(
                 sink,
@@ -187,9 +193,20 @@ class Mock(Endpoint):
                 heartbeat=self.heartbeat if request.stream else None,
                 headers=headers,
                 stop=self.stop,
+                gate=gate,
+                # A whole answer a budget may refuse goes out (headers too) only once it fits.
+                lazy_start=gate is not None and not request.stream,
             )
         except ClientDisconnected:
             return Reason.CLIENT_DISCONNECTED, None
+        except BudgetExhausted as exc:
+            if exc.started:
+                await sink.end()
+            else:
+                message = budget_message(client)
+                code = "budget_exhausted"
+                await answer_error(send, 429, message, self.provider, code=code)
+            return Reason.BUDGET_EXHAUSTED, None
         except (SourceError, Interrupted) as exc:
             # The answer has started: it is cut (uvicorn closes a response left
             # unfinished), so the client can tell it is truncated.

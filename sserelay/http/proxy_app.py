@@ -115,9 +115,9 @@ class Proxy(Endpoint):
             headers = self.access.preflight_headers("GET, POST, PUT, PATCH, DELETE")
             await send_response(send, 204, b"", b"text/plain", headers)
             return
-        refusal = self.refusal(scope)
+        key, refusal = self.identify(scope)
         if refusal is not None:
-            await self.refuse(send, refusal, api)
+            await self.refuse(scope, send, refusal, api, key=key)
             return
         try:
             # Refused before it is billed and before any upstream connection.

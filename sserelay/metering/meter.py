@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from sserelay.metering.bill import Bill, ClientBill, RequestFacts, Totals
+from sserelay.metering.budget import Allowance
 from sserelay.metering.pricing import Pricing
 from sserelay.metering.reason import REASONS, Reason
 from sserelay.metering.usage import Usage, sum_usage
@@ -64,6 +65,7 @@ class ClientMeter:
     __slots__ = (
         "_clock",
         "_on_write",
+        "allowance",
         "bytes",
         "closed_at",
         "error",
@@ -114,6 +116,8 @@ class ClientMeter:
         self.request_id = ""
         #: The name of the key the client presented (None: no keys in use).
         self.key: str | None = None
+        #: The budget its stream takes from, where its key has one.
+        self.allowance: Allowance | None = None
         #: When it started, as a time of day (Unix seconds): the ledger's `started_at`.
         self.started_wall = 0.0
         #: The id of the last event it was sent, where events have ids.

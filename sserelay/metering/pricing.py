@@ -126,6 +126,23 @@ class Pricing:
         total = uncached * price.input + cached * cached_price + output * price.output
         return round(total / 1_000_000, 10)
 
+    def input_cost(self, usage: Usage | None, model: str | None) -> float:
+        """What a request's reported input cost (0 where unknown or unpriced): a cost
+        budget charges it when the upstream reports it."""
+        price = self.model_price(model)
+        if price is None or usage is None or usage.input_tokens is None:
+            return 0.0
+        uncached, cached = usage.input_split()
+        cached_price = price.input if price.cached_input is None else price.cached_input
+        return (uncached * price.input + cached * cached_price) / 1_000_000
+
+    def output_price(self, model: str | None) -> float:
+        """The cost of one output token of `model` (0 where unpriced)."""
+        price = self.model_price(model)
+        if price is not None:
+            return price.output / 1_000_000
+        return (self.per_million or 0.0) / 1_000_000
+
     def total(
         self, tokens: int, requests: Iterable[tuple[float | None, str | None]]
     ) -> float | None:
