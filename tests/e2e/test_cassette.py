@@ -11,6 +11,8 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from sserelay.record.format import Exchange, Header, file_line
+from sserelay.record.format import Block, Exchange, Header, file_line
 from sserelay.record.replay import load_recording
 from tests.conftest import Relay
 
@@ -254,3 +256,54 @@ def test_serve_refuses_to_broadcast_a_cassette_of_several_exchanges(tmp_path: Pa
     text.write_text("hello\n")
     result = sserelay("serve", str(text), "--as", "recorded")
     assert result.returncode == 2 and "--as recorded replays a recording" in result.stderr
+
+
+def test_overlapping_requests_are_recorded_interleaved_each_whole(
+    relay: Any, upstream: HTTPServer, tmp_path: Path
+) -> None:
+    # Each upstream answer waits for the other's first event before its second: the two
+    # answers are relayed, and so recorded, interleaved.
+    first_sent = {"a": threading.Event(), "b": threading.Event()}
+
+    def answer(request: Request) -> Response:
+        me = request.get_json()["name"]
+        other = "b" if me == "a" else "a"
+
+        def body() -> Iterator[bytes]:
+            yield chat_event(f"{me}1")
+            first_sent[me].set()
+            first_sent[other].wait(10)
+            yield chat_event(f"{me}2")
+            yield b"data: [DONE]\n\n"
+
+        return Response(body(), content_type="text/event-stream")
+
+    upstream.expect_request("/v1/chat/completions").respond_with_handler(answer)
+    path = tmp_path / "overlap.jsonl"
+    proxy: Relay = relay(
+        "proxy", "--upstream", upstream.url_for("/v1"), "--record", str(path), "--quiet"
+    )
+
+    def stream(name: str) -> None:
+        url = proxy.url + "chat/completions"
+        with httpx.stream("POST", url, json={"name": name}, timeout=10) as response:
+            response.read()
+
+    clients = [threading.Thread(target=stream, args=(name,)) for name in "ab"]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(10)
+    proxy.signal(signal.SIGINT)
+    assert proxy.wait() == 130
+
+    numbers = [json.loads(line)["exchange"] for line in path.read_text().splitlines()[1:]]
+    assert numbers != sorted(numbers)  # interleaved on disk
+    exchanges = load_recording(str(path)).exchanges
+    assert len(exchanges) == 2 and all(exchange.complete for exchange in exchanges)
+    answers = sorted(
+        [part.data for part in exchange.parts if isinstance(part, Block)] for exchange in exchanges
+    )
+    assert answers == [
+        [chat_event(f"{me}{i}")[6:-2].decode() for i in (1, 2)] + ["[DONE]"] for me in "ab"
+    ]
