@@ -124,7 +124,14 @@ def proxy(**options: Any) -> None:
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     common = _common(options, ledger_by_default=True)
-    _run(_config(ProxyConfig, **common, **options), as_json=as_json, quiet=quiet)
+    force, append = options.pop("force"), options.pop("append")
+    if force and append:
+        raise click.UsageError("--force overwrites the recording, --append adds to it: not both")
+    if (force or append) and options["record"] is None:
+        raise click.UsageError(f"{'--force' if force else '--append'} goes with --record")
+    mode = "overwrite" if force else "append" if append else "new"
+    config = _config(ProxyConfig, **common, **options, record_mode=mode)
+    _run(config, as_json=as_json, quiet=quiet)
 
 
 def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from sserelay.metering.reason import Reason
 from sserelay.metering.tokens import tokenizer_names
 from sserelay.providers.answers import PROVIDERS
 from sserelay.providers.payloads import PAYLOAD_KINDS
+from sserelay.record.format import AS_RECORDED
 from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_MAX_LAG
 from sserelay.wire.chunking import CHUNK_MODES
 
@@ -195,12 +196,15 @@ serve_options = apply(
         option("--max-lag", env="MAX_LAG", type=click.IntRange(min=1), metavar="EVENTS",
                help=f"Cut off (slow_client) a client more than EVENTS events behind the newest "
                f"[default: {DEFAULT_MAX_LAG} or --history, if larger]."),
-        option("--as", "provider", env="AS", type=click.Choice(PROVIDERS),
+        option("--as", "provider", env="AS", type=click.Choice([*PROVIDERS, AS_RECORDED]),
                help="Be a mock LLM API: answer the provider's completion requests (and its "
-               "SDK) with SOURCE's text, streamed or whole, each request anew, until Ctrl-C."),
+               "SDK) with SOURCE's text, streamed or whole, each request anew, until Ctrl-C; "
+               "a recording's requests each get the text of the exchange they match. "
+               "'recorded': replay a recording's exchanges as recorded (status, headers, "
+               "bytes), each request the one it matches."),
         option("--once", env="ONCE", is_flag=True,
-               help="With --as: exit when the first completion request ends, with its bill "
-               "and code."),
+               help="With --as: exit when the first completion request (with --as recorded, "
+               "the first request) ends, with its bill and code."),
     ]
 )  # fmt: skip
 
@@ -234,8 +238,13 @@ proxy_options = apply(
                help="Exit when the first proxied request ends, with its bill and exit code."),
         option("--record", env="RECORD", metavar="FILE",
                type=click.Path(dir_okay=False, writable=True),
-               help="Record the first request's answer, as relayed, to FILE (JSON Lines with "
-               "the time of each event, written as it goes); `sserelay serve FILE` replays it."),
+               help="Record every exchange (request, answer as relayed, the time of each "
+               "event) to FILE, JSON Lines written as it goes; `sserelay serve FILE --as "
+               "recorded` replays them. An existing FILE is refused unless --force or --append."),
+        option("--force", env="FORCE", is_flag=True,
+               help="With --record: overwrite FILE if it exists."),
+        option("--append", env="APPEND", is_flag=True,
+               help="With --record: add the exchanges to FILE if it exists."),
     ]
 )  # fmt: skip
 

@@ -7,6 +7,11 @@ Every request is its own row of the bill, metered exactly as written: its
 events, the tokens of the text it carried, its bytes; a client that hangs up
 mid-stream is `client_disconnected` with what it had got.
 
+Behind a recording, each completion request gets the text of the recorded exchange it
+matches (sserelay.record.replay.Cassette), re-rendered in the provider's format; one no
+exchange answers gets a 404, and a recorded error answer is given back in the provider's
+error shape, with its status and message.
+
 Requests are served until Ctrl-C or SIGTERM (or, with `once`, until the first
 completion request ends). `GET /v1/models` lists the one model; `/healthz`
 answers `ok`. Paths work with and without the `/v1` prefix, so a base URL with
@@ -18,6 +23,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -55,8 +61,11 @@ from sserelay.providers.answers import (
     new_answer,
     read_request,
 )
+from sserelay.providers.errors import error_body, error_detail
+from sserelay.record.format import body_sha256
+from sserelay.record.replay import Cassette, ExchangeSource, no_match_message
 from sserelay.sources.pacing import Counted, Pacer, paced
-from sserelay.sources.shared import Pass, Text
+from sserelay.sources.shared import FileText, Pass, Text
 from sserelay.sources.text import TimedBatch
 from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 from sserelay.wire.frames import Frames
@@ -76,13 +85,14 @@ class Mock(Endpoint):
     """The ASGI endpoint of `serve --as PROVIDER`; each completion request is a
     row of the bill (and, with `once`, the run's one request).
 
-    With `line_ends`, each chunk is a line whose line end is given back (`\\n`),
+    It answers with `text`, or with the recorded exchange each request matches in a
+    Cassette. With `line_ends`, each chunk is a line whose line end is given back (`\\n`),
     so the deltas join to the file's text."""
 
     def __init__(
         self,
         provider: str,
-        text: Text,
+        text: Text | Cassette,
         meter: Meter,
         *,
         tokenizer: str,
@@ -150,29 +160,61 @@ class Mock(Endpoint):
             await self.refuse(scope, send, refusal, self.provider, request=facts, key=key)
             return
         # No await from the check above to the claim in serve_client().
+        text = self.text
+        if isinstance(text, Cassette):
+            recorded = self._recorded(text, scope["method"], scope["path"], body)
+            if isinstance(recorded, tuple):
+                await send_json(send, *recorded, self.access.cors_headers)
+                return
+            text = recorded
         await self.serve_client(
             scope,
-            lambda client: self._answer(request, scope, receive, send, client),
+            lambda client: self._answer(request, text, scope, receive, send, client),
             request=facts,
             unforeseen=(Reason.INPUT_ERROR, "the mock failed unexpectedly"),
             key=key,
         )
 
+    def _recorded(
+        self, cassette: Cassette, method: str, path: str, body: bytes
+    ) -> Text | tuple[int, dict[str, Any]]:
+        """The text of the recorded exchange this request matches, or the error to answer
+        (its status and body): none matches, or what was recorded is an error answer."""
+        digest = body_sha256(body)
+        exchange = cassette.match(method, path, digest)
+        if exchange is None:
+            message = f"sserelay: {no_match_message(method, path, digest)}"
+            error = error_body(self.provider, message, status=404, code="no_recorded_exchange")
+            return 404, error
+        if exchange.status >= 400:
+            recorded = b"".join(part.wire() for part in exchange.parts)
+            detail = error_detail(recorded.decode("utf-8", errors="replace"))
+            message = detail or f"the recorded answer was an error {exchange.status}"
+            return exchange.status, error_body(self.provider, message, status=exchange.status)
+        return FileText(lambda: ExchangeSource(exchange, as_text=True))
+
     def _ended(self, bill: ClientBill) -> None:
         # A file's count is its own (read anew each time); stdin's grows as it is read.
-        self.meter.invalid_utf8_bytes = self.text.invalid_utf8_bytes
+        if not isinstance(self.text, Cassette):
+            self.meter.invalid_utf8_bytes = self.text.invalid_utf8_bytes
         super()._ended(bill)
 
     async def _answer(
-        self, request: MockRequest, scope: Scope, receive: Receive, send: Send, client: ClientMeter
+        self,
+        request: MockRequest,
+        text: Text,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        client: ClientMeter,
     ) -> Outcome:
         answer = new_answer(self.provider, request, secrets.token_hex(12), int(time.time()))
         tokenizer, estimate = await resolve_tokenizer(self.tokenizer, request.model)
         client.tokenizer = tokenizer.name, estimate
-        prompt_tokens = sum(tokenizer.count(text) for text in request.prompt)
+        prompt_tokens = sum(tokenizer.count(part) for part in request.prompt)
         counter = tokenizer.counter()
         try:
-            passes = await self.text.open()
+            passes = await text.open()
         except SourceError as exc:
             await answer_error(send, 500, str(exc), self.provider)
             return Reason.INPUT_ERROR, str(exc)

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from sserelay.errors import ConfigError, OutputError
+from sserelay.errors import ConfigError
 from sserelay.http.config import Config, MockConfig, ProxyConfig, ServeConfig
 from sserelay.http.endpoint import Endpoint
 from sserelay.http.mock_app import COMPLETION_PATHS, Mock, create_mock_app
 from sserelay.http.proxy_app import Proxy, create_proxy_app
+from sserelay.http.replay_app import Player, create_player_app
 from sserelay.http.server import bound_address, listen, serve_app
 from sserelay.http.stream_app import StreamSession, create_app, ui_page
 from sserelay.ledger import new_instance_id, open_ledger
@@ -34,8 +35,15 @@ from sserelay.metering.meter import MAX_BILL_ROWS, ClientMeter, Meter, MeterObse
 from sserelay.metering.pricing import PriceList, Pricing
 from sserelay.metering.reason import Reason
 from sserelay.metering.tokens import TokenCounter, Tokenizer, tokenizer_for
+from sserelay.record.format import AS_RECORDED
 from sserelay.record.recorder import Recorder
-from sserelay.record.replay import RecordingSource, ReplayCount, looks_like_recording
+from sserelay.record.replay import (
+    Cassette,
+    RecordingSource,
+    ReplayCount,
+    load_recording,
+    looks_like_recording,
+)
 from sserelay.secrecy import Redactor
 from sserelay.sources.command import CommandSource
 from sserelay.sources.pacing import Pacer
@@ -398,31 +406,63 @@ def _print_tasks() -> None:
 async def _mock(
     config: MockConfig, tokenizer: Tokenizer, meter: Meter
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    """`serve --as`: a file (or recording) is read anew for each request; stdin, a pipe,
-    a FIFO or a command once and kept; each request is paced on its own, by a new Pacer."""
-    recording = not config.command and looks_like_recording(config.source)
+    """`serve --as`: a recording answers each request with the exchange it matches; a file
+    is read anew for each request; stdin, a pipe, a FIFO or a command once and kept; each
+    request is paced on its own, by a new Pacer."""
+    if not config.command and looks_like_recording(config.source):
+        async with _replay(config, tokenizer, meter) as served:
+            yield served
+        return
+    if config.provider == AS_RECORDED:
+        name = "stdin" if config.source in ("", "-") else config.source
+        raise ConfigError(f"--as recorded replays a recording; {name} is not one", "provider")
 
-    def open_source() -> TextSource | RecordingSource | CommandSource:
+    def open_source() -> TextSource | CommandSource:
         if config.command:
             return CommandSource(config.command, config.chunk)
-        if recording:
-            return RecordingSource(config.source, as_text=True)
         return TextSource(config.source, config.chunk)
 
-    _check_realtime(config.realtime, " ".join(config.command) or config.source, recording)
+    _check_realtime(config.realtime, " ".join(config.command) or config.source, False)
     async with contextlib.AsyncExitStack() as held:
         first = open_source()
         await held.enter_async_context(first)  # a missing file fails now, before listening
         text: SharedText | FileText
-        if recording or first.rereadable:
+        if first.rereadable:
             await held.aclose()  # it opens; each request opens its own
             text = FileText(open_source)
         else:  # stdin, a pipe, a FIFO, a command: read once and kept, closed at the end
             text = SharedText(first)
             held.push_async_callback(text.aclose)
-        line_ends = config.chunk == "line" and not recording
+        line_ends = config.chunk == "line"
         async with _mock_text(config, tokenizer, meter, text, line_ends) as served:
             yield served
+
+
+@contextlib.asynccontextmanager
+async def _replay(
+    config: MockConfig, tokenizer: Tokenizer, meter: Meter
+) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
+    """`serve RECORDING --as`: each request answered by the recorded exchange it matches,
+    as recorded (`--as recorded`) or its text in the provider's format."""
+    recording = load_recording(config.source)
+    count = len(recording.exchanges)
+    exchanges = f"{count} recorded exchange{'' if count == 1 else 's'} of {config.source}"
+    if config.provider != AS_RECORDED:
+        answers = Cassette.of_answers(recording)
+        async with _mock_text(config, tokenizer, meter, answers, False) as (mock, app, notes):
+            yield mock, app, [*notes, f"answering with the text of {exchanges}"]
+        return
+    pacer = partial(Pacer, rate=config.rate, delay=config.delay, realtime=config.realtime)
+    player = Player(
+        Cassette(recording.exchanges),
+        meter,
+        tokenizer=tokenizer,
+        pacer=pacer if pacer().active else None,
+        heartbeat=config.heartbeat_s,
+        once=config.once,
+        access=config.access,
+    )
+    yield player, create_player_app(player), [f"replaying {exchanges} at {{url}}/"]
 
 
 @contextlib.asynccontextmanager
@@ -430,10 +470,11 @@ async def _mock_text(
     config: MockConfig,
     tokenizer: Tokenizer,
     meter: Meter,
-    text: SharedText | FileText,
+    text: SharedText | FileText | Cassette,
     line_ends: bool,
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    """The mock over `text`; with `line_ends`, each chunk is a line given back its `\\n`."""
+    """The mock over `text` (or a cassette's recorded answers); with `line_ends`, each chunk
+    is a line given back its `\\n`."""
     pacer = partial(Pacer, rate=config.rate, delay=config.delay, realtime=config.realtime)
     mock = Mock(
         config.provider,
@@ -469,11 +510,9 @@ async def _proxy(
     notes = [f"proxying to {upstream.display}"]
     try:
         if config.record is not None:
-            try:
-                recorder = Recorder(config.record, redactor=redactor)
-            except OSError as exc:
-                raise OutputError(f"cannot write {config.record}: {exc.strerror or exc}") from None
-            notes.append(f"recording the first request to {config.record}")
+            recorder = Recorder(config.record, redactor=redactor, mode=config.record_mode)
+            held = f", after the {recorder.held} it holds" if recorder.held else ""
+            notes.append(f"recording every exchange to {config.record}{held}")
         proxy = Proxy(
             upstream,
             meter,
@@ -494,3 +533,4 @@ async def _proxy(
             recorder.close()
             if recorder.error is not None:
                 warnings.append(recorder.error)
+            warnings += [f"not recorded: {why}" for why in recorder.unrecorded]

@@ -13,6 +13,9 @@ trailing piece whose bytes were already written (its `payload` is empty).
 - `BodyRelay`: a whole JSON answer (or an error body). Bytes pass unchanged;
   the answer is metered once complete.
 
+`relay_for()` picks one for an answer by its status and content type, the same for the
+proxy and for a replay of what it recorded (so both bill alike).
+
 A provider's deltas are fragments of one text: their tokens are counted over
 the joined text (a word split across two deltas is one token). A raw payload
 is a whole chunk, as `sserelay serve` sends lines: it is counted on its own.
@@ -235,3 +238,28 @@ class BodyRelay:
     def text(self) -> str:
         """The body kept so far, as text (for an error message)."""
         return b"".join(self._body).decode("utf-8", errors="replace")
+
+
+Relay = EventRelay | LineRelay | BodyRelay
+
+
+def relay_for(
+    content_type: str,
+    status: int,
+    payload: PayloadMeter,
+    tokenizer: Tokenizer,
+    *,
+    keep_comments: bool = False,
+    strip_usage: bool = False,
+    text: bool = True,
+) -> Relay:
+    """The relay for an answer of `status` whose media type is `content_type`: an error
+    body (kept for its message, not metered), SSE, a whole JSON answer, or any other
+    stream; with `text`, a `text/*` stream is metered as the raw text it is."""
+    if status >= 400:
+        return BodyRelay(payload, tokenizer, meter=False)
+    if content_type == "text/event-stream":
+        return EventRelay(payload, tokenizer, keep_comments=keep_comments, strip_usage=strip_usage)
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return BodyRelay(payload, tokenizer)
+    return LineRelay(payload, tokenizer, text=text and content_type.startswith("text/"))
