@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from sserelay import __version__
+from sserelay.cli.keys import keys
 from sserelay.cli.options import (
     EXIT_CODES,
     EXIT_CODES_HELP,
@@ -163,6 +164,7 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
         "access": access,
         "ledger": ledger,
         "checkpoint": options.pop("checkpoint"),
+        "keys": options.pop("keys"),
     }
 
 
@@ -302,6 +304,7 @@ def _silence_stdout() -> None:
 
 
 main.add_command(usage)
+main.add_command(keys)
 
 
 @main.command()

@@ -167,6 +167,11 @@ common_options = apply(
                "*.jsonl file, or a postgresql:// URL [default for proxy and serve --as: "
                "$XDG_STATE_HOME/sserelay/usage.db]."),
         option("--no-ledger", env="NO_LEDGER", is_flag=True, help="Keep no usage ledger."),
+        option("--keys", env="KEYS", metavar="FILE",
+               type=click.Path(exists=True, dir_okay=False, readable=True),
+               help="A TOML keys file: clients must present a key (Bearer, x-api-key, "
+               "?token=); each key may have budgets, a rate limit and a model list, "
+               "enforced mid-stream."),
         option("--checkpoint", env="CHECKPOINT", type=Finite(open_low=True), default=1.0,
                show_default=True, metavar="SECONDS",
                help="Save open rows' figures to the ledger this often (what a crash can lose)."),

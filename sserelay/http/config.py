@@ -62,6 +62,8 @@ class RunConfig:
     ledger: str | None = None
     #: seconds between checkpoints of the open rows (and heartbeats) in the ledger
     checkpoint: float = 1.0
+    #: a TOML keys file: who may connect, with budgets and rate limits (see metering/keys.py)
+    keys: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:

@@ -24,13 +24,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from sserelay.errors import (
+    BudgetExhausted,
     ClientDisconnected,
     Interrupted,
     RequestError,
     UpstreamError,
     UpstreamTimeout,
 )
-from sserelay.http.access import Access
+from sserelay.http.access import SECRET_HEADERS, Access, Keys
 from sserelay.http.asgi import (
     MAX_REQUEST_BODY,
     ASGISink,
@@ -45,10 +46,12 @@ from sserelay.http.endpoint import (
     Endpoint,
     Outcome,
     answer_error,
+    budget_message,
     request_id_header,
     resolve_tokenizer,
 )
 from sserelay.metering.bill import RequestFacts
+from sserelay.metering.keys import Key
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
 from sserelay.metering.tokens import Tokenizer
@@ -91,9 +94,10 @@ class Proxy(Endpoint):
         recorder: Recorder | None = None,
         access: Access | None = None,
         redactor: Redactor | None = None,
+        keys: Keys | None = None,
     ) -> None:
         PayloadMeter(payload)  # an unknown kind is a ValueError now, not per request
-        super().__init__(meter, access=access, once=once)
+        super().__init__(meter, access=access, once=once, keys=keys)
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.payload = payload
@@ -126,20 +130,33 @@ class Proxy(Endpoint):
             return
         await self.serve_client(
             scope,
-            lambda client: self._forward(scope, receive, send, client, api),
+            lambda client: self._forward(scope, receive, send, client, api, key),
             request=RequestFacts(scope["method"], scope["path"]),
             unforeseen=(Reason.UPSTREAM_ERROR, "the proxy failed unexpectedly"),
+            key=key,
         )
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, client: ClientMeter, api: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        client: ClientMeter,
+        api: str,
+        key: Key | None,
     ) -> Outcome:
-        outcome = await self._relay(scope, receive, send, client, api)
+        outcome = await self._relay(scope, receive, send, client, api, key)
         reason, error = outcome
         return reason, None if error is None else self.redactor.redact(error)
 
     async def _relay(
-        self, scope: Scope, receive: Receive, send: Send, client: ClientMeter, api: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        client: ClientMeter,
+        api: str,
+        key: Key | None,
     ) -> Outcome:
         sink = _WatchedSink(receive, send, scope)
         # Every answer names its request: its id is the ledger row's and the receipt's.
@@ -166,14 +183,26 @@ class Proxy(Endpoint):
             sent = body  # as the client sent it: a replay matches requests by it
             body, strip_usage, model = self._prepare(body)
             client.update_request(model=model)
+            refusal = self.admit(key, model)
+            if refusal is not None:  # a model the key may not use, a spent budget, a limit
+                await answer_error(
+                    send,
+                    refusal.status,
+                    refusal.message,
+                    api,
+                    code=str(refusal.reason),
+                    headers=(*cors, *refusal.headers),
+                )
+                return Reason(str(refusal.reason)), refusal.message
+            headers_in, query = self._forwarded(scope)
             watcher = asyncio.create_task(watch_disconnect(receive, sink.gone))
             try:
                 response = await unless(
                     self.upstream.open(
                         scope["method"],
                         scope.get("raw_path") or scope["path"].encode(),
-                        scope.get("query_string", b""),
-                        scope["headers"],
+                        query,
+                        headers_in,
                         body,
                     ),
                     sink.gone,
@@ -193,7 +222,12 @@ class Proxy(Endpoint):
             sink.status = response.status
             tokenizer, estimate = await resolve_tokenizer(self.tokenizer, model)
             client.tokenizer = tokenizer.name, estimate
-            relay, headers = self._relay_for(response, strip_usage, tokenizer)
+            gated = client.allowance is not None
+            relay, headers = self._relay_for(response, strip_usage, tokenizer, hold=gated)
+            gate = self.gate(
+                client,
+                self.budget_event(client, api, sse=response.content_type == "text/event-stream"),
+            )
             progress = _Progress()
             if recording is not None:
                 recording.start(sent, response.status, headers)
@@ -208,6 +242,9 @@ class Proxy(Endpoint):
                     heartbeat=self.heartbeat if isinstance(relay, EventRelay) else None,
                     headers=[*_renamed_request_id(headers), *cors],
                     stop=self.stop,
+                    gate=gate,
+                    # A whole answer a budget may refuse goes out only once it fits.
+                    lazy_start=gate is not None and isinstance(relay, BodyRelay),
                 )
             except ClientDisconnected:
                 # A client that leaves once it has the end of the answer ([DONE],
@@ -216,6 +253,17 @@ class Proxy(Endpoint):
                     whole = True
                     return Reason.COMPLETE, None
                 return Reason.CLIENT_DISCONNECTED, None
+            except BudgetExhausted as exc:
+                # The upstream is closed at once (the finally below), as for a client that
+                # leaves; the client gets its API's error and a clean end.
+                if exc.started:
+                    await sink.end()
+                else:
+                    await answer_error(
+                        send, 429, budget_message(client), api, code="budget_exhausted",
+                        headers=cors,
+                    )  # fmt: skip
+                return Reason.BUDGET_EXHAUSTED, None
             except (UpstreamError, Interrupted) as exc:
                 # Cut the client's connection instead of ending the response: like
                 # nginx when its upstream dies, so the client can tell it is truncated.
@@ -255,8 +303,24 @@ class Proxy(Endpoint):
             return body, False, model
         return json.dumps(rewritten, ensure_ascii=False).encode(), True, model
 
+    def _forwarded(self, scope: Scope) -> tuple[Headers, bytes]:
+        """The client's headers and query to forward. Where the relay checks clients' keys,
+        the client's own credential never reaches the upstream: its credential headers and
+        `key`/`token` parameters are dropped (the upstream's comes from --upstream-header)."""
+        headers: Headers = list(scope["headers"])
+        query: bytes = scope.get("query_string", b"")
+        if self.keys is None:
+            return headers, query
+        headers = [(n, v) for n, v in headers if n.lower() not in SECRET_HEADERS]
+        kept = [
+            part
+            for part in query.split(b"&")
+            if part and part.partition(b"=")[0] not in (b"key", b"token")
+        ]
+        return headers, b"&".join(kept)
+
     def _relay_for(
-        self, response: UpstreamResponse, strip_usage: bool, tokenizer: Tokenizer
+        self, response: UpstreamResponse, strip_usage: bool, tokenizer: Tokenizer, *, hold: bool
     ) -> tuple[Relay, Headers]:
         relay = relay_for(
             response.content_type,
@@ -266,6 +330,7 @@ class Proxy(Endpoint):
             keep_comments=self.keep_comments,
             strip_usage=strip_usage,
             text=self.payload in ("auto", "raw"),
+            hold=hold,
         )
         headers = response.headers
         if isinstance(relay, EventRelay):
@@ -300,8 +365,13 @@ class Proxy(Endpoint):
         tail = relay.flush()
         if relay.failure is not None:
             raise relay.failure
-        # The tail's bytes went out with earlier chunks; only its count is new.
-        if tail.events or tail.tokens:
+        if tail.payload:  # a whole answer held back for a budget: it goes now, checked
+            yield tail
+            progress.end_delivered = True
+            if record is not None:
+                record(tail.payload)
+        elif tail.events or tail.tokens:
+            # The tail's bytes went out with earlier chunks; only its count is new.
             client.record(tail.events, tail.tokens, 0)
 
     def _settle(self, client: ClientMeter, relay: Relay) -> None:

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 from sserelay.errors import ConfigError
+from sserelay.http.access import Keys
 from sserelay.http.config import Config, MockConfig, ProxyConfig, ServeConfig
 from sserelay.http.endpoint import Endpoint
 from sserelay.http.mock_app import COMPLETION_PATHS, Mock, create_mock_app
@@ -28,9 +32,11 @@ from sserelay.http.proxy_app import Proxy, create_proxy_app
 from sserelay.http.replay_app import Player, create_player_app
 from sserelay.http.server import bound_address, listen, serve_app
 from sserelay.http.stream_app import StreamSession, create_app, ui_page
-from sserelay.ledger import new_instance_id, open_ledger
+from sserelay.ledger import QueuedLedger, new_instance_id, open_ledger
 from sserelay.ledger.writer import LedgerWriter
 from sserelay.metering.bill import Bill, ClientBill, Totals
+from sserelay.metering.budget import Budgets, Spend, period_start
+from sserelay.metering.keys import KeyRing
 from sserelay.metering.meter import MAX_BILL_ROWS, ClientMeter, Meter, MeterObserver
 from sserelay.metering.pricing import PriceList, Pricing
 from sserelay.metering.reason import Reason
@@ -137,7 +143,12 @@ async def run(
     warnings: list[str] = []
     if pricing.models is not None:
         meter.subscribe(_Unpriced(pricing, warnings, on_warning))
+    if exposed := _exposed_credential(config):
+        warnings.append(exposed)
+        if on_warning is not None:
+            on_warning(exposed)
     async with _ledger(config, meter, warnings, on_warning) as ledger:
+        keys = await _keys(config, None if ledger is None else ledger.ledger)
         endpoint, signals = await _serve_until_done(
             config,
             tokenizer,
@@ -147,6 +158,7 @@ async def run(
             handle_signals,
             sock,
             None if ledger is None else ledger.display,
+            keys,
         )
         bill = meter.bill(endpoint.reason or Reason.INTERRUPTED)
     return RunResult(
@@ -168,9 +180,11 @@ async def _serve_until_done(
     handle_signals: bool,
     sock: socket.socket | None,
     ledger: str | None,
+    keys: Keys | None,
 ) -> tuple[Endpoint, list[int]]:
     """Serve `config` until its endpoint finishes; the endpoint and the signals seen."""
     async with _serving(config, tokenizer, meter, warnings) as (endpoint, app, notes):
+        endpoint.keys = keys
         if sock is None:
             sock = listen(config.host, config.port)
         signals: list[int] = []
@@ -193,6 +207,58 @@ async def _serve_until_done(
             on_ready=ready,
         )
     return endpoint, signals
+
+
+def _exposed_credential(config: Config) -> str | None:
+    """The warning for a proxy that lends its upstream credential to anyone who reaches it:
+    listening beyond this machine with --upstream-header and no --keys nor --auth-token."""
+    if not isinstance(config, ProxyConfig) or not config.upstream_headers:
+        return None
+    if config.keys is not None or config.access.token is not None:
+        return None
+    try:
+        loopback = ipaddress.ip_address(config.host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = config.host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"listening on {config.host} with --upstream-header and no --keys or --auth-token: "
+        "anyone who reaches the port spends that credential"
+    )
+
+
+async def _keys(config: Config, ledger: QueuedLedger | None) -> Keys | None:
+    """Who may use the relay and how much: the keys file (ConfigError naming its line if it
+    is wrong), and `--auth-token` as one anonymous key without limits. Each key's spend
+    this period is read from the ledger, so a restart does not reset anyone's budget."""
+    token = config.access.token
+    if config.keys is None and token is None:
+        return None
+    ring = KeyRing(())
+    if config.keys is not None:
+        try:
+            with open(config.keys, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"cannot read {config.keys}: {detail}", "keys") from None
+        ring = KeyRing.from_toml(text, config.keys)
+    if token is not None:
+        try:
+            ring = KeyRing((*ring.keys, *KeyRing.anonymous(token).keys))
+        except ValueError as exc:  # the token is also a key's secret
+            raise ConfigError(str(exc), "auth_token") from None
+    now = time.time()
+    spent = {}
+    if ledger is not None:
+        for key in ring:
+            if key.limited:
+                since = datetime.fromtimestamp(period_start(key.period, now), UTC)
+                tokens, cost = await ledger.spent(key.name, since)
+                spent[key.name] = Spend.of(tokens, cost)
+    budgets = Budgets(ring, spent=spent, now=now)
+    return Keys(ring, budgets, record_refusals=config.keys is not None)
 
 
 class _Unpriced(MeterObserver):
@@ -225,8 +291,9 @@ class _Unpriced(MeterObserver):
 class _LedgerUse:
     """The run's ledger, as run() reports it."""
 
-    def __init__(self, display: str) -> None:
-        self.display = display
+    def __init__(self, ledger: QueuedLedger) -> None:
+        self.ledger = ledger
+        self.display = ledger.display
         self.unwritten = 0
 
 
@@ -253,7 +320,7 @@ async def _ledger(
 
     ledger = open_ledger(config.ledger, instance=instance, on_warning=warn)
     await ledger.open()
-    use = _LedgerUse(ledger.display)
+    use = _LedgerUse(ledger)
     dead_after = max(DEAD_AFTER, 5 * config.checkpoint)
     try:
         await ledger.recover(dead_after=dead_after)

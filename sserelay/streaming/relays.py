@@ -188,12 +188,19 @@ class LineRelay:
 class BodyRelay:
     """A whole (non-streaming) answer: written unchanged as it arrives, metered
     once complete from its text and its `usage`. With `meter` false (an error
-    body) nothing is metered, but the body is kept for the error message."""
+    body) nothing is metered, but the body is kept for the error message.
 
-    def __init__(self, payload: PayloadMeter, tokenizer: Tokenizer, *, meter: bool = True) -> None:
+    With `hold` (a key's budget must pass the answer before the client gets any of it),
+    the body is held back and written whole by `flush()`, with its tokens, in one Frames;
+    a body over MAX_METERED_BODY is let through unheld (and unmetered) once it is over."""
+
+    def __init__(
+        self, payload: PayloadMeter, tokenizer: Tokenizer, *, meter: bool = True, hold: bool = False
+    ) -> None:
         self.payload = payload
         self._tokens = _TextMeter(payload, tokenizer)
         self._meter = meter
+        self._hold = hold
         self._body: list[bytes] = []
         self._size = 0
         self.failure: UpstreamError | None = None
@@ -206,22 +213,28 @@ class BodyRelay:
         self._size += len(chunk)
         if self._size <= MAX_METERED_BODY:
             self._body.append(chunk)
+            if self._hold:
+                return Frames(b"", 0, 0)
+        elif self._hold:  # too big to hold: what was held goes now, the rest as it comes
+            self._hold = False
+            return Frames(b"".join(self._body) + chunk, 0, 0)
         return Frames(chunk, 0, 0)
 
     def flush(self) -> Frames:
+        held = b"".join(self._body) if self._hold else b""
         if not self._meter or self._size > MAX_METERED_BODY:
-            return Frames(b"", 0, 0)
+            return Frames(held, 0, 0)
         try:
             value = json.loads(b"".join(self._body))
         except (ValueError, RecursionError):
-            return Frames(b"", 0, 0)  # not JSON after all: passed through, nothing to meter
+            return Frames(held, 0, 0)  # not JSON after all: passed through, nothing to meter
         # A JSON array is a stream sent whole (Gemini's streamGenerateContent without alt=sse).
         answers = value if isinstance(value, list) else [value]
         tokens = 0
         for answer in answers:
             if isinstance(answer, dict):
                 tokens += self._tokens.count(self._read(answer))
-        return Frames(b"", 1, tokens + self._tokens.flush())
+        return Frames(held, 1, tokens + self._tokens.flush())
 
     def _read(self, answer: dict[str, Any]) -> Delta:
         whole = whole_answer(answer)
@@ -252,6 +265,7 @@ def relay_for(
     keep_comments: bool = False,
     strip_usage: bool = False,
     text: bool = True,
+    hold: bool = False,
 ) -> Relay:
     """The relay for an answer of `status` whose media type is `content_type`: an error
     body (kept for its message, not metered), SSE, a whole JSON answer, or any other
@@ -261,5 +275,5 @@ def relay_for(
     if content_type == "text/event-stream":
         return EventRelay(payload, tokenizer, keep_comments=keep_comments, strip_usage=strip_usage)
     if content_type == "application/json" or content_type.endswith("+json"):
-        return BodyRelay(payload, tokenizer)
+        return BodyRelay(payload, tokenizer, hold=hold)
     return LineRelay(payload, tokenizer, text=text and content_type.startswith("text/"))
