@@ -91,7 +91,7 @@ def serve(**options: Any) -> None:
             raise click.UsageError("--once goes with --as (a plain stream ends by itself)")
         config: Config = _config(ServeConfig, **common, **paced, **options)
     else:
-        for name in ("keep", "history", "max_lag"):
+        for name in ("keep", "history", "max_lag", "linger"):
             if ctx.get_parameter_source(name) is not _DEFAULT:
                 flag = option_of(name)
                 raise click.UsageError(f"{flag} is for a broadcast stream; --as answers "

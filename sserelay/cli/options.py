@@ -16,7 +16,7 @@ from sserelay.metering.tokens import tokenizer_names
 from sserelay.providers.answers import PROVIDERS
 from sserelay.providers.payloads import PAYLOAD_KINDS
 from sserelay.record.format import AS_RECORDED
-from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_MAX_LAG
+from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_LINGER, DEFAULT_MAX_LAG
 from sserelay.wire.chunking import CHUNK_MODES
 
 #: Exit codes: a reason's, or one of these.
@@ -119,9 +119,23 @@ def parse_headers(
     return tuple(headers)
 
 
+class EnvOption(click.Option):
+    """An option also read from its SSERELAY_* variable; a bad value that came from the
+    variable is said to, naming it (`SSERELAY_PORT=abc`, not `--port`)."""
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        try:
+            return super().process_value(ctx, value)
+        except click.BadParameter as exc:
+            source = ctx.get_parameter_source(self.name or "")
+            if source is click.core.ParameterSource.ENVIRONMENT and isinstance(self.envvar, str):
+                exc.param_hint = f"{self.envvar} (from the environment)"
+            raise
+
+
 def option(*decls: str, env: str, **kwargs: Any) -> Callable[[F], F]:
-    """A click option read from SSERELAY_<env> too."""
-    return click.option(*decls, envvar=f"SSERELAY_{env}", **kwargs)
+    """A click option read from SSERELAY_<env> too (its --help says so)."""
+    return click.option(*decls, envvar=f"SSERELAY_{env}", show_envvar=True, cls=EnvOption, **kwargs)
 
 
 def apply(options: list[Callable[[F], F]]) -> Callable[[F], F]:
@@ -195,6 +209,10 @@ serve_options = apply(
         option("--keep", env="KEEP", is_flag=True,
                help="Serve until Ctrl-C: later clients get the history; the source is paused "
                "while no client listens."),
+        option("--linger", env="LINGER", type=Finite(), default=DEFAULT_LINGER, show_default=True,
+               metavar="SECONDS",
+               help="After the last client left before the end, wait this long for it to "
+               "resume (Last-Event-ID) before giving up the stream; 0: at once."),
         option("--history", env="HISTORY", type=click.IntRange(min=0), default=DEFAULT_HISTORY,
                show_default=True, metavar="EVENTS",
                help="Keep the last EVENTS events for late clients and Last-Event-ID resumes."),

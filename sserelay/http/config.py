@@ -22,7 +22,7 @@ from sserelay.providers.answers import PROVIDERS
 from sserelay.providers.payloads import PAYLOAD_KINDS
 from sserelay.record.format import AS_RECORDED
 from sserelay.record.recorder import RECORD_MODES
-from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_MAX_LAG
+from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_LINGER, DEFAULT_MAX_LAG
 from sserelay.wire.chunking import CHUNK_MODES
 
 
@@ -134,9 +134,12 @@ class ServeConfig(_Paced):
     history: int = DEFAULT_HISTORY
     #: cut a client this many events behind (None: the larger of the default and history)
     max_lag: int | None = None
+    #: seconds a stream waits for a resume after its last client left before the end
+    linger: float = DEFAULT_LINGER
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _finite("linger", self.linger)
         if not isinstance(self.history, int) or self.history < 0:
             raise ConfigError(f"{self.history!r} is not a number of events", "history")
         if self.max_lag is not None:

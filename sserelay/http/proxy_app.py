@@ -60,7 +60,7 @@ from sserelay.providers.payloads import PayloadMeter
 from sserelay.providers.requests import ask_for_usage, read_json_request, requested_model
 from sserelay.record.recorder import ExchangeRecorder, Recorder
 from sserelay.secrecy import Redactor
-from sserelay.sources.upstream import Headers, Upstream, UpstreamResponse
+from sserelay.sources.upstream import Headers, Upstream, UpstreamResponse, redact_url
 from sserelay.streaming.relays import BodyRelay, EventRelay, Relay, relay_for
 from sserelay.streaming.stream import relay_frames
 from sserelay.wire.frames import Frames
@@ -219,6 +219,13 @@ class Proxy(Endpoint):
                     return Reason.INTERRUPTED, None
                 return Reason.CLIENT_DISCONNECTED, None
             client.update_request(status=response.status)
+            raw_path = scope.get("raw_path") or scope["path"].encode()
+            if response.status == 404 and self.upstream.doubled_prefix(raw_path):
+                # The upstream's own 404 would not say why: this one does.
+                await response.aclose()
+                hint = self._doubled_hint(raw_path)
+                await answer_error(send, 404, f"upstream answered 404: {hint}", api, headers=cors)
+                return Reason.UPSTREAM_ERROR, self._status_error(response, relay, raw_path)
             sink.status = response.status
             tokenizer, estimate = await resolve_tokenizer(self.tokenizer, model)
             client.tokenizer = tokenizer.name, estimate
@@ -274,7 +281,7 @@ class Proxy(Endpoint):
             await sink.end()
             whole = True
             if response.status >= 400:
-                return Reason.UPSTREAM_ERROR, self._status_error(response, relay)
+                return Reason.UPSTREAM_ERROR, self._status_error(response, relay, raw_path)
             return Reason.COMPLETE, None
         finally:
             if recording is not None:
@@ -380,18 +387,33 @@ class Proxy(Endpoint):
         client.update_request(model=relay.payload.model)
         self.meter.invalid_utf8_bytes += relay.invalid_utf8_bytes
 
-    def _status_error(self, response: UpstreamResponse, relay: Relay) -> str:
+    def _status_error(
+        self, response: UpstreamResponse, relay: Relay | None, raw_path: bytes
+    ) -> str:
         message = f"upstream answered {response.status} {response.reason}".rstrip()
+        called = redact_url(self.upstream.url_for(raw_path, b""))
+        message += f" for {self.redactor.redact(called)}"
         detail = error_detail(relay.text) if isinstance(relay, BodyRelay) else ""
+        if response.status == 404 and self.upstream.doubled_prefix(raw_path):
+            detail = self._doubled_hint(raw_path)
         return f"{message}: {detail}" if detail else message
+
+    def _doubled_hint(self, raw_path: bytes) -> str:
+        base = self.upstream.base.raw_path.partition(b"?")[0].rstrip(b"/").decode()
+        return (
+            f"the path starts with {base} again, which --upstream already ends in: "
+            f"point the client's base URL at this proxy without {base}"
+        )
 
 
 def _renamed_request_id(headers: Headers) -> Headers:
     """The upstream's own `x-request-id` (OpenAI's, say) kept as `x-upstream-request-id`:
-    the client's `x-request-id` is the gateway's."""
+    the client's `x-request-id` is the gateway's. Its `date` goes: the server adds one, and
+    two `date` headers are one too many."""
     return [
         (b"x-upstream-request-id" if name == b"x-request-id" else name, value)
         for name, value in headers
+        if name != b"date"
     ]
 
 

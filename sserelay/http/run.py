@@ -450,7 +450,12 @@ async def _serve_source(
         pacer=Pacer(rate=config.rate, delay=config.delay, realtime=config.realtime),
     )
     session = StreamSession(
-        hub, meter, heartbeat=config.heartbeat_s, keep=config.keep, access=config.access
+        hub,
+        meter,
+        heartbeat=config.heartbeat_s,
+        keep=config.keep,
+        access=config.access,
+        linger=config.linger,
     )
     page = ui_page(tokenizer=tokenizer.name, chunk=config.chunk, payloads=payloads)
     if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":

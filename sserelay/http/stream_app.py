@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -29,14 +29,20 @@ from sserelay.metering.reason import Reason
 from sserelay.streaming.hub import Hub, Listener
 from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 
+#: Sent before a client's first event: an EventSource that loses the connection comes back
+#: (with Last-Event-ID) after this many milliseconds instead of its default (about 3 s).
+RETRY_MS = 1000
+RETRY = f"retry: {RETRY_MS}\n".encode()
+
 
 class StreamSession(Endpoint):
     """One run of `serve`: one hub, served to every client that connects.
 
     The run ends (`finished` is set, with `reason`) when the stream has ended
     and every client has finished, or when the last client leaves before the
-    end (the stream was abandoned: the source is no longer read, and the run's
-    reason is that client's). With `keep` it ends only on interrupt() (Ctrl-C
+    end and none comes back (resuming) within `linger` seconds (the stream was
+    abandoned: the source is no longer read, and the run's reason is that
+    client's). With `keep` it ends only on interrupt() (Ctrl-C
     or SIGTERM); a source that fails ends it in both modes once the clients
     have what was read before the failure."""
 
@@ -49,11 +55,14 @@ class StreamSession(Endpoint):
         keep: bool = False,
         access: Access | None = None,
         keys: Keys | None = None,
+        linger: float = 0.0,
     ) -> None:
         super().__init__(meter, access=access, keys=keys)
         self.hub = hub
         self.heartbeat = heartbeat
         self.keep = keep
+        self.linger = linger
+        self._lingering: asyncio.TimerHandle | None = None
         self._headers = [*SSE_HEADERS, *self.access.cors_headers]
 
     def _interrupted(self) -> None:
@@ -72,8 +81,14 @@ class StreamSession(Endpoint):
         if refusal is None and key is not None:
             refusal = self.admit(key, None)
         if refusal is not None:
-            await self.refuse(scope, send, refusal, None, key=key)
+            if refusal.status == 204:
+                await send_response(send, 204, b"", b"text/plain", self.access.cors_headers)
+            else:
+                await self.refuse(scope, send, refusal, None, key=key)
             return
+        if self._lingering is not None:  # a client back within the linger: the stream goes on
+            self._lingering.cancel()
+            self._lingering = None
         last_event_id = header(scope, b"last-event-id") or query_value(scope, "last_event_id")
         if self.hub.has_everything(last_event_id):
             # WHATWG HTML §9.2.3: a 204 tells an EventSource not to reconnect.
@@ -91,7 +106,8 @@ class StreamSession(Endpoint):
 
     def _refusal(self, scope: Scope) -> tuple[Key | None, Refusal | None]:
         if self.finished.is_set() and not self.stopping:
-            return None, Refusal(503, None, "the stream is over")
+            # WHATWG HTML §9.2.3: a 204 tells an EventSource not to reconnect.
+            return None, Refusal(204, None, "the stream is over")
         return self.identify(scope)
 
     async def _serve(
@@ -106,7 +122,10 @@ class StreamSession(Endpoint):
         # A slow client's writes are stuck behind a full socket: closing the connection
         # hard (RST) ends them and frees the buffers at once. Without that extension (a
         # foreign server), a cut client ends at its next read.
-        listener = self.hub.join(last_event_id, on_cut=abort or (lambda: None))
+        # `retry:` only where a reconnect can resume: with ids (a replay --no-ids is
+        # byte for byte the recording).
+        greeting = RETRY if self.hub.log.ids else b""
+        listener = self.hub.join(last_event_id, on_cut=abort or (lambda: None), greeting=greeting)
         sink = ASGISink(receive, send, scope)
         try:
             return await self._relay(sink, client, listener, abort)
@@ -158,9 +177,19 @@ class StreamSession(Endpoint):
             return
         elif self.hub.ended:
             self._finish(Reason.COMPLETE)
-        else:  # abandoned before the end: stop reading the source
-            self.hub.stop()
-            self._finish(bill.reason, bill.error)
+        elif self.linger > 0:  # left before the end: a resume may come (a network blip)
+            loop = asyncio.get_running_loop()
+            self._lingering = loop.call_later(self.linger, self._abandon, bill)
+        else:
+            self._abandon(bill)
+
+    def _abandon(self, bill: ClientBill) -> None:
+        """Nobody came back: stop reading the source; the run's reason is the last client's."""
+        self._lingering = None
+        if self.open:
+            return
+        self.hub.stop()
+        self._finish(bill.reason, bill.error)
 
 
 async def _end_now(sink: ASGISink, abort: Callable[[], None] | None) -> None:
@@ -207,4 +236,11 @@ def create_app(stream: Callable[[Scope, Receive, Send], Any], ui: str | None = N
     ]
     if ui is not None:
         routes.append(Route("/ui", ui_endpoint, methods=["GET"]))
+    shown = ", ".join(route.path for route in routes)
+
+    async def not_found(request: Request) -> Response:
+        # A typo'd path (`/event`) says where things are, not only "Not Found".
+        return PlainTextResponse(f"sserelay: no such path; try {shown}\n", status_code=404)
+
+    routes.append(Route("/{path:path}", not_found))
     return Starlette(routes=routes)

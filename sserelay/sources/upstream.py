@@ -133,6 +133,10 @@ class Upstream:
         timeouts: Timeouts = Timeouts(),
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        if any(c.isspace() for c in base_url):
+            raise ValueError("expected an http:// or https:// URL with a host (no spaces)")
+        if "://" not in base_url:  # `localhost:11434`, as curl takes it: http://
+            base_url = "http://" + base_url
         try:
             self.base = httpx.URL(base_url)
         except httpx.InvalidURL as exc:
@@ -163,6 +167,13 @@ class Upstream:
         if self.base.password:
             values.append(self.base.password)
         return [v for v in values if v]
+
+    def doubled_prefix(self, raw_path: bytes) -> bool:
+        """Whether a client's path starts with the upstream URL's own path again
+        (`/v1/chat/completions` sent to `--upstream http://host/v1`): a client whose base
+        URL also ends in `/v1` reaches `/v1/v1/...`."""
+        base_path = self.base.raw_path.partition(b"?")[0].rstrip(b"/")
+        return bool(base_path) and (raw_path + b"/").startswith(base_path + b"/")
 
     def url_for(self, raw_path: bytes, query: bytes) -> httpx.URL:
         """The upstream URL for a client's path and query: `/` is the base URL

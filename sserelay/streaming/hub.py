@@ -34,6 +34,11 @@ HISTORY_TRUNCATED = b": history truncated\n\n"
 
 DEFAULT_HISTORY = 10_000
 DEFAULT_MAX_LAG = 10_000
+#: How long `serve` waits for a client that left before the end to come back (resume with
+#: Last-Event-ID): an EventSource reconnects within a second after a network blip (the
+#: stream sends `retry: 1000`), so two seconds cover it, while a pipeline whose only client
+#: hangs up still ends promptly.
+DEFAULT_LINGER = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +177,21 @@ class Listener:
     SourceError when the source failed, and ends at once when the hub cut it
     off (`cut` is then true). `aclose()` leaves the hub."""
 
-    def __init__(self, hub: Hub, cursor: int, truncated: bool, on_cut: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        cursor: int,
+        truncated: bool,
+        on_cut: Callable[[], None],
+        greeting: bytes = b"",
+    ) -> None:
         self._hub = hub
         self.cursor = cursor
-        self.truncated = truncated
+        #: `: history truncated`, said before the first event (or at once if there is none)
+        self.notice = HISTORY_TRUNCATED if truncated else b""
+        #: fields that go in the first event's block (`retry:`): never a block of their own,
+        #: which some clients (httpx-sse) would take for an empty event
+        self.greeting = greeting
         self.cut = False
         self._on_cut = on_cut
         self._took = False  # has taken events: at the end, it has the last one
@@ -192,18 +208,17 @@ class Listener:
             if frames is not None:
                 self.cursor = hub.log.head
                 self._took = True
-                if self.truncated:
-                    self.truncated = False
+                if self.notice or self.greeting:
+                    notice, self.notice = self.notice, b""
+                    if frames.events and self.greeting:
+                        notice, self.greeting = notice + self.greeting, b""
                     return Frames(
-                        HISTORY_TRUNCATED + frames.payload,
-                        frames.events,
-                        frames.tokens,
-                        frames.pending,
+                        notice + frames.payload, frames.events, frames.tokens, frames.pending
                     )
                 return frames
-            if self.truncated:  # say so now, not with the next event
-                self.truncated = False
-                return Frames(HISTORY_TRUNCATED, 0, 0)
+            if self.notice:  # say so now, not with the next event
+                notice, self.notice = self.notice, b""
+                return Frames(notice, 0, 0)
             if hub.error is not None:
                 raise SourceError(hub.error)
             if hub.ended:
@@ -281,14 +296,18 @@ class Hub:
         return len(self._listeners)
 
     def join(
-        self, last_event_id: str | None = None, on_cut: Callable[[], None] = lambda: None
+        self,
+        last_event_id: str | None = None,
+        on_cut: Callable[[], None] = lambda: None,
+        greeting: bytes = b"",
     ) -> Listener:
         """A listener that starts right after `last_event_id` (a `Last-Event-ID`
         value), or at the first event kept when there is none. `on_cut` is
-        called if it falls more than `max_lag` events behind."""
+        called if it falls more than `max_lag` events behind; `greeting` goes
+        before its first event (a `retry:` field)."""
         self.log.trim(self._floor())  # what others took since the last publish may go now
         cursor, truncated = self.log.start(parse_event_id(last_event_id))
-        listener = Listener(self, cursor, truncated, on_cut)
+        listener = Listener(self, cursor, truncated, on_cut, greeting)
         self._listeners.add(listener)
         return listener
 

@@ -295,7 +295,8 @@ def test_heartbeats_arrive_at_the_configured_interval_on_an_idle_stream(relay: A
         running.stdin.close()
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(0.15 < gap < 0.6 for gap in gaps), gaps
-    assert seen.startswith(b"id: 1\ndata: hello\n\n")
+    # issue 18: the first event carries `retry:`, so a browser reconnects promptly
+    assert seen.startswith(b"retry: 1000\nid: 1\ndata: hello\n\n")
 
 
 # --------------------------------------------------------------------------- access
@@ -325,7 +326,7 @@ def test_auth_token_refuses_without_or_with_a_wrong_token_and_bills_nobody_refus
             client.get(url, params={"token": "s3cret-token"}),
         ]
         assert [r.status_code for r in accepted] == [200] * 3
-        assert all(r.text == "id: 1\ndata: one two\n\n" for r in accepted)
+        assert all(r.text == "retry: 1000\nid: 1\ndata: one two\n\n" for r in accepted)
     running.signal(signal.SIGINT)
     bill = running.bill()
     assert [(c["reason"], c["tokens"]) for c in bill["clients"]] == [("complete", 2)] * 3
@@ -379,7 +380,7 @@ def test_chunk_raw_sends_each_read_as_one_event_whatever_it_holds(relay: Any) ->
         raw = r.iter_raw()
         running.feed("a\n\ndata: evil")
         wire = next(raw)
-        assert wire == b"id: 1\ndata: a\ndata: \ndata: data: evil\n\n"
+        assert wire == b"retry: 1000\nid: 1\ndata: a\ndata: \ndata: data: evil\n\n"
         (event,) = SSEDecoder().decode(wire)
         assert (event.id, event.data, event.event) == ("1", "a\n\ndata: evil", None)
         running.feed(" to")  # a word split across two reads is one token

@@ -260,7 +260,9 @@ def test_nul_and_empty_lines_pass_through(relay: Any, tmp_path: Path) -> None:
 def test_field_lookalikes_in_the_input_stay_data(relay: Any, tmp_path: Path) -> None:
     events, _ = serve_bytes(relay, tmp_path, b"a\n\ndata: evil\nid: 99\nevent: x\nretry: 1\n")
     assert [e.data for e in events] == ["a", "", "data: evil", "id: 99", "event: x", "retry: 1"]
-    assert all(e.event is None and e.retry is None for e in events)
+    assert all(e.event is None for e in events)
+    # The only retry is sserelay's own, on the first event (issue 18); "retry: 1" stayed data.
+    assert [e.retry for e in events] == [1000, None, None, None, None, None]
     assert [e.id for e in events] == ["1", "2", "3", "4", "5", "6"]
 
 

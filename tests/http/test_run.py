@@ -92,7 +92,7 @@ def test_errors_before_listening_are_raised(tmp_path: Path, text_file: Path) -> 
     with pytest.raises(SourceError, match="cannot open"):
         run_bounded(started(ServeConfig(source=str(tmp_path / "missing.txt"), port=0)))
     with pytest.raises(ConfigError) as caught:
-        run_bounded(started(ProxyConfig(upstream="not a url", port=0)))
+        run_bounded(started(ProxyConfig(upstream="ftp://example.org/", port=0)))
     assert caught.value.field == "upstream"
     with pytest.raises(ListenError):
         run_bounded(started(ServeConfig(source=str(text_file), host="192.0.2.1", port=0)))

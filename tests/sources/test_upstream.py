@@ -77,10 +77,15 @@ def test_a_path_that_leaves_the_base_path_is_refused(path: bytes) -> None:
         Upstream("http://h:1/v1").url_for(path, b"")
 
 
-@pytest.mark.parametrize("url", ["ftp://h/", "h:1/v1", "http:///nohost", "not a url"])
+@pytest.mark.parametrize("url", ["ftp://h/", "http:///nohost", "not a url", "h st:1/"])
 def test_only_http_urls_with_a_host(url: str) -> None:
     with pytest.raises(ValueError):
         Upstream(url)
+
+
+def test_a_bare_host_and_port_is_http_as_curl_takes_it() -> None:
+    # issue 18: `--upstream localhost:11434` is refused no longer
+    assert str(Upstream("h:1/v1").base) == "http://h:1/v1"
 
 
 def test_hop_by_hop_headers_and_those_connection_names_are_dropped() -> None:
