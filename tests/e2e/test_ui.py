@@ -261,9 +261,9 @@ def test_the_page_shows_every_event_as_it_arrives_and_the_right_counts(
     assert (bill["reason"], bill["events"], bill["tokens"]) == ("complete", len(lines), tokens)
     assert [(c["events"], c["tokens"]) for c in bill["clients"]] == [(len(lines), tokens)]
 
-    # Over: the page waits to reconnect, and its rate holds still (it is refreshed every
+    # Over: the page says so (no reconnecting), and its rate holds still (it is refreshed every
     # 0.5 s, so two refreshes go by before it is read again).
-    ended = page.wait_for({"status": "reconnecting"})
+    ended = page.wait_for({"status": "done"})
     assert float(ended["rate"]) > 0
     held_since = time.monotonic()
     wait_until(lambda: time.monotonic() - held_since > 1.1, timeout=2)
@@ -298,7 +298,7 @@ def test_the_page_passes_its_token_on_and_shows_a_refusal(
     source.write_text("one two\nthree\n")
     running: Relay = relay("serve", str(source), "--keep", "--auth-token", "s3cret")
     page.goto(running.url + "ui")
-    page.wait_for({"status": "closed", "events": "0", "text": ""})  # 401: no reconnect
+    page.wait_for({"status": "a token is needed", "events": "0", "text": ""})  # 401
     page.goto(running.url + "ui?token=s3cret")
     page.wait_for({"events": "2", "tokens": "3", "lastId": "2", "text": "one two\nthree\n"})
 
@@ -354,6 +354,6 @@ def test_the_page_shows_the_text_of_a_replayed_recording_and_its_bill(
     page.goto(running.url + "ui")
     bill = running.bill()
     assert bill["tokens"] == (len(text) if tokenizer == "chars" else count_tokens(text))
-    shown = page.wait_for({"events": str(bill["events"]), "status": "reconnecting"})  # ended
+    shown = page.wait_for({"events": str(bill["events"]), "status": "done"})  # ended
     assert (shown["text"], shown["tokens"]) == (text, str(bill["tokens"]))
     assert page.errors() == []
