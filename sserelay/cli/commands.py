@@ -63,7 +63,7 @@ def serve(**options: Any) -> None:
     from sserelay.http.config import MockConfig, ServeConfig
 
     ctx = click.get_current_context()
-    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    as_json, quiet, receipts = _view_options(options)
     provider, once = options.pop("provider"), options.pop("once")
     common = _common(options, ledger_by_default=provider is not None)
     paced = {name: options.pop(name) for name in ("source", "chunk", "rate", "delay", "realtime")}
@@ -78,7 +78,7 @@ def serve(**options: Any) -> None:
                 raise click.UsageError(f"{flag} is for a broadcast stream; --as answers "
                                        "each request anew")  # fmt: skip
         config = _config(MockConfig, **common, **paced, provider=provider, once=once)
-    _run(config, as_json=as_json, quiet=quiet)
+    _run(config, as_json=as_json, quiet=quiet, receipts=receipts)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -104,9 +104,15 @@ def proxy(**options: Any) -> None:
     """
     from sserelay.http.config import ProxyConfig
 
-    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    as_json, quiet, receipts = _view_options(options)
     common = _common(options, ledger_by_default=True)
-    _run(_config(ProxyConfig, **common, **options), as_json=as_json, quiet=quiet)
+    config = _config(ProxyConfig, **common, **options)
+    _run(config, as_json=as_json, quiet=quiet, receipts=receipts)
+
+
+def _view_options(options: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """--json, --quiet (the live view) and receipts (not --no-receipts), taken out."""
+    return options.pop("as_json"), options.pop("quiet"), not options.pop("no_receipts")
 
 
 def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, Any]:
@@ -136,6 +142,8 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
         "access": access,
         "ledger": ledger,
         "checkpoint": options.pop("checkpoint"),
+        "admin_token": options.pop("admin_token"),
+        "metrics": not options.pop("no_metrics"),
     }
 
 
@@ -154,7 +162,7 @@ def _hint(field: str | None) -> str | None:
     return None if flag is None else f"'{flag}'"
 
 
-def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
+def _run(config: Config, *, as_json: bool, quiet: bool, receipts: bool) -> NoReturn:
     """Run `config` with the live view on stderr, then print the bill and exit."""
     from rich.console import Console
 
@@ -165,7 +173,7 @@ def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
     _fill_closed_std_fds()
     said: list[str] = []
     try:
-        result = run_event_loop(_serve_live(config, console, quiet, said))
+        result = run_event_loop(_serve_live(config, console, quiet, receipts, said))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint=_hint(exc.field)) from None
     except SSERelayError as exc:
@@ -176,14 +184,16 @@ def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
     _finish(console, result, as_json, said)
 
 
-async def _serve_live(config: Config, console: Console, quiet: bool, said: list[str]) -> RunResult:
+async def _serve_live(
+    config: Config, console: Console, quiet: bool, receipts: bool, said: list[str]
+) -> RunResult:
     from sserelay.cli.display import LiveCounter, Receipts, format_active
     from sserelay.http.config import MockConfig, ProxyConfig
     from sserelay.http.run import run
 
     per_request = isinstance(config, MockConfig | ProxyConfig)
     once = per_request and config.once  # type: ignore[union-attr]
-    observers = [] if quiet or not per_request else [Receipts(console, errors=not once)]
+    observers = [Receipts(console, errors=not once)] if receipts and per_request else []
     live: list[LiveCounter] = []
 
     def on_ready(running: Running) -> None:

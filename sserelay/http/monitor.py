@@ -242,7 +242,8 @@ class Monitor:
         """The live part of `/usage`: totals since the start, per key and per model."""
         view = view or self.tally.view()
         totals = view.totals
-        first = min((h.sum / h.count for h in view.ttft.values() if h.count), default=None)
+        counted = sum(h.count for h in view.ttft.values())
+        first = sum(h.sum for h in view.ttft.values()) / counted if counted else None
         return {
             "sserelay": __version__,
             "mode": self.mode,
@@ -257,6 +258,7 @@ class Monitor:
                 "bytes": totals.bytes,
                 "cost": totals.cost,
                 "tokens_per_s": round(totals.tokens_per_s, 3),
+                # the mean over every client that got an event
                 "time_to_first_token_s": None if first is None else round(first, 6),
             },
             "by_reason": view.by_reason(),

@@ -87,7 +87,7 @@ def test_a_scrape_after_a_known_workload_equals_the_bill(text_file: Path) -> Non
         assert total(found, "sserelay_events_total", model=model) == figures["events"]
         assert total(found, "sserelay_bytes_total", model=model) == figures["bytes"]
         assert total(found, "sserelay_cost_total", model=model) == pytest.approx(figures["cost"])
-    assert total(found, "sserelay_requests_total", reason="complete", status="") == 3
+    assert total(found, "sserelay_requests_total", reason="complete", status="200") == 3
     # The mock reports usage as the API does: input and output, as reported.
     reported = sum(c.upstream_usage.output_tokens or 0 for c in bill.clients if c.upstream_usage)
     assert total(found, "sserelay_tokens_total", kind="output", source="reported") == reported
