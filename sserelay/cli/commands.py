@@ -187,27 +187,46 @@ def _run(config: Config, *, as_json: bool, quiet: bool, receipts: bool) -> NoRet
 async def _serve_live(
     config: Config, console: Console, quiet: bool, receipts: bool, said: list[str]
 ) -> RunResult:
-    from sserelay.cli.display import LiveCounter, Receipts, format_active
-    from sserelay.http.config import MockConfig, ProxyConfig
+    from sserelay.cli.display import LiveCounter, Receipts, format_in_flight
+    from sserelay.http.config import MockConfig, ProxyConfig, ServeConfig
     from sserelay.http.run import run
 
     per_request = isinstance(config, MockConfig | ProxyConfig)
     once = per_request and config.once  # type: ignore[union-attr]
     observers = [Receipts(console, errors=not once)] if receipts and per_request else []
     live: list[LiveCounter] = []
+    # The source is typed on this terminal: say how to end it, and keep the counter off the
+    # line being typed.
+    typing = (
+        isinstance(config, ServeConfig | MockConfig)
+        and config.source == "-"
+        and sys.stdin is not None
+        and sys.stdin.isatty()
+    )
 
     def on_ready(running: Running) -> None:
         kept = "" if running.ledger is None else f" (usage ledger: {running.ledger})"
-        for line in [f"serving on {running.url}{kept}", *running.notes]:
+        lines = [f"serving on {running.url}{kept}", *running.notes]
+        if typing:
+            lines.append("reading the terminal: type lines, Ctrl-D to end")
+        for line in lines:
             console.print(f"sserelay: {line}", highlight=False, markup=False)
 
-        def rows() -> list[str]:
-            now = running.now()
-            active = [format_active(client, now) for client in running.active()]
-            return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
+        def rows(width: int | None) -> list[str]:
+            return format_in_flight(running.active(), running.now(), width)
+
+        def progress() -> int:
+            # What the stream has sent: the furthest client's events (a client that joins
+            # late and gets the history does not move it).
+            return max((client.events for client in running.active()), default=0)
 
         counter = LiveCounter(
-            console, running.totals, quiet=quiet, rows=rows if running.per_request else None
+            console,
+            running.totals,
+            quiet=quiet,
+            rows=rows if running.per_request else None,
+            typing=typing,
+            progress=progress,
         )
         counter.start()
         live.append(counter)

@@ -506,13 +506,14 @@ def test_the_requests_dashboard_shows_tables_and_charts_equal_to_usage(
     with httpx.Client(timeout=10) as client:
         for model in models:  # a round a tick: the chart gets points with tokens in them
             for stream in (True, False):
-                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-                answer = client.post(url, json={**body, "stream": stream})
+                body: dict[str, Any] = {"model": model, "stream": stream}
+                body["messages"] = [{"role": "user", "content": "hi"}]
+                answer = client.post(url, json=body)
                 assert answer.status_code == 200
             next_tick(page)
         # One client that leaves mid-stream.
-        body = {"model": "gpt-4o-mini", "messages": [], "stream": True}
-        with client.stream("POST", url, json=body) as response:
+        leaving = {"model": "gpt-4o-mini", "messages": [], "stream": True}
+        with client.stream("POST", url, json=leaving) as response:
             next(response.iter_lines())
     wait_until(
         lambda: httpx.get(running.url + "usage", timeout=10).json()["totals"]["requests"] == 7
