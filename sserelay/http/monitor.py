@@ -159,12 +159,15 @@ class Monitor:
         self._ticker: asyncio.Task[None] | None = None
         self._spend_cache: tuple[float, dict[str, Any]] | None = None
         self._recent_served = -1
+        #: feeds open now; while there are none, the ticker only samples the totals
+        self._feeds = 0
+        self._stale = True
 
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
         """Begin sampling the figures (for the dashboard's charts and its feed)."""
-        self._sample()
+        self._samples.append(self._make_tick())
         self._ticker = asyncio.create_task(self._run_ticker())
 
     async def aclose(self) -> None:
@@ -198,7 +201,26 @@ class Monitor:
     # ------------------------------------------------------------------ figures
 
     def _sample(self) -> None:
-        """Take the figures now: one sample for the charts, one tick for every feed."""
+        """Take the figures now: a sample for the charts, and a tick for the feeds. With no
+        feed open, only the sample (the totals, not every open client's labels): a dashboard
+        opened later still gets the history."""
+        if not self._feeds:
+            totals = self.meter.totals()
+            self._samples.append(
+                {
+                    "t": round(totals.elapsed_s, 3),
+                    "tokens": totals.tokens,
+                    "requests": self.tally.served,
+                    "clients": totals.active_clients,
+                    "by_reason": self.tally.by_reason(),
+                }
+            )
+            self._stale = True
+            return
+        self._samples.append(self._make_tick())
+
+    def _make_tick(self) -> dict[str, Any]:
+        """A tick for every feed, from a view of every figure; returns its sample."""
         view = self.tally.view()
         sample = {
             "t": round(view.totals.elapsed_s, 3),
@@ -207,17 +229,18 @@ class Monitor:
             "clients": view.clients,
             "by_reason": view.by_reason(),
         }
-        self._samples.append(sample)
         tick: dict[str, Any] = {
             "sample": sample,
             "usage": self.usage(view),
             "active": self._in_flight(),
         }
-        if view.served != self._recent_served:
+        if view.served != self._recent_served or self._stale:
             self._recent_served = view.served
             tick["recent"] = [row.to_dict() for row in view.recent]
+        self._stale = False
         self._tick = _event("tick", tick)
         self._wake()
+        return sample
 
     def _in_flight(self) -> list[dict[str, Any]]:
         now = self.meter.now()
@@ -349,24 +372,30 @@ class Monitor:
         await sink.end()
 
     async def _frames(self) -> AsyncIterator[Frames]:
-        hello = {
-            "mode": self.mode,
-            "tokenizer": self.tokenizer,
-            "interval": self.interval,
-            "samples": list(self._samples),
-            "recent": [row.to_dict() for row in self.tally.view().recent],
-        }
-        sent = self._tick
-        yield Frames(_event("hello", hello) + sent, 2, 0)
-        while True:
-            if self._tick is not sent:  # the latest only: a slow page skips, never lags
-                sent = self._tick
-                yield Frames(sent, 1, 0)
-            elif self._done is not None:
-                yield Frames(self._done, 1, 0)
-                return
-            else:
-                await self._ticked.wait()
+        self._feeds += 1
+        try:
+            if self._stale and self._done is None:
+                self._samples.append(self._make_tick())  # not kept up with no feed open
+            hello = {
+                "mode": self.mode,
+                "tokenizer": self.tokenizer,
+                "interval": self.interval,
+                "samples": list(self._samples)[:-1],  # the tick after it brings the last
+                "recent": [row.to_dict() for row in self.tally.view().recent],
+            }
+            sent = self._tick
+            yield Frames(_event("hello", hello) + sent, 2, 0)
+            while True:
+                if self._tick is not sent:  # the latest only: a slow page skips, never lags
+                    sent = self._tick
+                    yield Frames(sent, 1, 0)
+                elif self._done is not None:
+                    yield Frames(self._done, 1, 0)
+                    return
+                else:
+                    await self._ticked.wait()
+        finally:
+            self._feeds -= 1
 
 
 def _event(name: str, data: object) -> bytes:

@@ -26,6 +26,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sserelay.metering.bill import ClientBill, Totals
 from sserelay.metering.meter import OTHER, ClientMeter, Meter, MeterObserver
@@ -50,10 +51,10 @@ DURATION_BOUNDS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.
 CLOSE_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Group:
+class Group(NamedTuple):
     """The labels of a series: a key and a model, "" where there is none (a `serve`
-    client has no model; a run without keys has no key), `other` past the bounds."""
+    client has no model; a run without keys has no key), `other` past the bounds. (A tuple:
+    hashed and compared in C, for views over thousands of open clients.)"""
 
     key: str
     model: str
@@ -320,13 +321,17 @@ class _Shown:
     """What views have shown of one open client: under which labels, how much, and how much
     stays with labels it had before."""
 
-    __slots__ = ("carried", "group", "part", "ttft_seen")
+    __slots__ = ("answered", "carried", "group", "key", "model", "part", "ttft_seen")
 
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, client: ClientMeter, answered: bool) -> None:
         self.group = group
         self.part: _Part = _NOTHING
         self.carried: _Part = _NOTHING
         self.ttft_seen = False
+        # What the labels were made from: the same objects again need no new labels.
+        self.key = client.key
+        self.model = client.model
+        self.answered = answered
 
 
 class Tally(MeterObserver):
@@ -379,6 +384,18 @@ class Tally(MeterObserver):
             self._models.add(model)
             return model
         return OTHER
+
+    @property
+    def served(self) -> int:
+        """Clients (or requests) that have ended."""
+        return self._served
+
+    def by_reason(self) -> dict[str, int]:
+        """Ended clients per reason (cheap: no open client is looked at)."""
+        out: dict[str, int] = {}
+        for (_, reason, _), count in self._requests.items():
+            out[reason] = out.get(reason, 0) + count
+        return out
 
     @property
     def keys(self) -> list[str]:
@@ -435,20 +452,28 @@ class Tally(MeterObserver):
         """The figures now: ended clients' sums plus the open clients' figures so far."""
         extra: dict[Group, _Part] = {}
         active: dict[Group, int] = {}
-        pricing = self.meter.pricing
+        cost_of = self.meter.pricing.cost
+        priced = self.meter.pricing.per_million is not None or self.meter.pricing.models
+        shown_of = self._shown
+        # Once a second for the dashboard, and at each scrape, over every open client: the
+        # common case (labels as before, nothing carried) is a few additions per client.
         for client in self.meter.clients:
-            if client.request is not None:
-                self._per_request = True
-            group = self._group_of_open(client)
-            shown = self._shown.get(client.id)
-            if shown is None:
-                shown = self._shown[client.id] = _Shown(group)
-            elif shown.group != group:
-                self._move(shown, group)
-            cost = pricing.cost(client.tokens, client.upstream_usage, client.model)
+            shown = shown_of.get(client.id)
+            if (
+                shown is None
+                or shown.key is not client.key
+                or shown.model is not client.model
+                or not shown.answered
+            ):
+                shown = self._relabel(client, shown)
+            group = shown.group
+            cost = cost_of(client.tokens, client.upstream_usage, client.model) if priced else None
             now: _Part = (client.tokens, client.events, client.bytes, cost)
-            shown.part = _at_least(_minus(now, shown.carried), shown.part)
-            extra[group] = _plus(extra.get(group, _NOTHING), shown.part)
+            if shown.carried is not _NOTHING:
+                now = _at_least(_minus(now, shown.carried), shown.part)
+            shown.part = now
+            found = extra.get(group)
+            extra[group] = now if found is None else _plus(found, now)
             if client.active:
                 active[group] = active.get(group, 0) + 1
             if not shown.ttft_seen and client.first_event_at is not None:
@@ -472,6 +497,22 @@ class Tally(MeterObserver):
         )
 
     # ------------------------------------------------------------------ inside
+
+    def _relabel(self, client: ClientMeter, shown: _Shown | None) -> _Shown:
+        """The labels of an open client, made anew; what was shown under others stays there."""
+        if client.request is not None:
+            self._per_request = True
+        request = client.request
+        answered = client.tokens > 0 or (
+            request is not None and request.status is not None and request.status < 400
+        )
+        group = self._group_of_open(client)
+        if shown is None:
+            shown = self._shown[client.id] = _Shown(group, client, answered)
+        elif shown.group != group:
+            self._move(shown, group)
+        shown.key, shown.model, shown.answered = client.key, client.model, answered
+        return shown
 
     def _move(self, shown: _Shown, group: Group) -> None:
         """An open client's labels changed: what was shown under the old ones stays there."""

@@ -277,7 +277,7 @@ def test_the_feed_says_hello_ticks_and_says_done_when_a_serve_ends(text_file: Pa
     assert last_tick["sample"]["requests"] == 1
     assert last_tick["recent"][0]["tokens"] == 6
     hello = events[0][1]
-    assert hello["mode"] == "serve" and hello["samples"]
+    assert hello["mode"] == "serve" and isinstance(hello["samples"], list)
 
 
 def test_metrics_can_be_turned_off_and_then_a_proxy_forwards_the_paths(
