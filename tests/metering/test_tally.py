@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sserelay.metering.bill import RequestFacts
-from sserelay.metering.meter import ClientMeter, Meter
+from sserelay.metering.meter import ClientMeter, Meter, MeterObserver
 from sserelay.metering.pricing import Pricing
 from sserelay.metering.tally import (
     CLOSE_BOUNDS,
@@ -248,3 +248,11 @@ def test_every_series_only_grows_and_the_sums_equal_the_bill(
     total = total_figures(tally.view().groups.values())
     assert (total.tokens, total.events, total.bytes) == (bill.tokens, bill.events, bill.bytes)
     assert sum(tally.view().requests.values()) == bill.client_count
+
+
+def test_the_tally_is_not_on_the_per_event_path() -> None:
+    meter, tally, _ = tallied()
+    # Only observers that override `wrote` are called per write (meter.py): not this one.
+    assert type(tally).wrote is MeterObserver.wrote
+    client = meter.open_client("p")
+    assert client._on_write == ()
