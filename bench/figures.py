@@ -12,9 +12,10 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 from lineup import BENCH, HOST, Contender, Server, exited, help_text, reap, running, spawn
 from loadgen import SSEClient, open_stream, percentile
@@ -41,6 +42,15 @@ class Settings:
     fanout_seconds: float = 5.0
     proxy_trials: int = 100
     startup_runs: int = 7
+    fanout10k_clients: int = 10_000
+    fanout10k_rate: float = 10.0
+    fanout10k_seconds: float = 5.0
+    capacity_streams: tuple[int, ...] = (100, 500, 1000)
+    capacity_rate: float = 50.0
+    capacity_warmup: float = 2.0
+    capacity_window: float = 5.0
+    litellm_max_streams: int = 100
+    pin: bool = True  # the capacity figure: the proxy on a CPU of its own
 
     @property
     def lines_file(self) -> Path:
@@ -130,13 +140,15 @@ class Feed:
 
 
 @contextlib.asynccontextmanager
-async def producing(rate: float, count: int) -> AsyncIterator[Feed]:
+async def producing(
+    rate: float, count: int, *, cpus: AbstractSet[int] | None = None
+) -> AsyncIterator[Feed]:
     """Start bench/producer.py: `count` lines at `rate`/s once `go()` is called."""
     gate_read, gate_write = os.pipe()
     data_read, data_write = os.pipe()
     command = [sys.executable, str(BENCH / "producer.py"), f"--rate={rate}", f"--count={count}"]
     try:
-        process = await spawn(command, stdin=gate_read, stdout=data_write)
+        process = await spawn(command, stdin=gate_read, stdout=data_write, cpus=cpus)
     except BaseException:
         for fd in (gate_write, data_read):
             os.close(fd)
@@ -265,14 +277,19 @@ async def fanout(contender: Contender, settings: Settings) -> Outcome:
     return Outcome(metrics, note)
 
 
+class HasCPU(Protocol):
+    def cpu_seconds(self) -> float: ...
+
+
 class CPUMeter:
     """The server's CPU use from now on, as % of one core. Sampled every 100 ms, so a
     server that exits at the end of its stream is still measured up to its last moment."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: HasCPU) -> None:
         self.server = server
         self.start = (server.cpu_seconds(), time.monotonic())
         self.last = self.start
+        self.history = [self.start]
         self._task = asyncio.create_task(self._sample())
 
     async def _sample(self) -> None:
@@ -283,6 +300,7 @@ class CPUMeter:
     def _read(self) -> None:
         with contextlib.suppress(OSError, IndexError, ValueError):  # gone, or a zombie
             self.last = (self.server.cpu_seconds(), time.monotonic())
+            self.history.append(self.last)
 
     async def stop(self) -> None:
         self._read()
@@ -294,6 +312,13 @@ class CPUMeter:
     def percent(self) -> float:
         wall = self.last[1] - self.start[1]
         return 100 * (self.last[0] - self.start[0]) / wall if wall > 0 else float("nan")
+
+    def percent_until(self, moment: float) -> float:
+        """The CPU use from the start to the first sample at or after `moment`
+        (time.monotonic()): e.g. the last event delivered, not the shutdown after it."""
+        end = next((sample for sample in self.history if sample[1] >= moment), self.last)
+        wall = end[1] - self.start[1]
+        return 100 * (end[0] - self.start[0]) / wall if wall > 0 else float("nan")
 
 
 # -- 5. proxy ------------------------------------------------------------------

@@ -15,10 +15,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,14 +202,28 @@ def kill_leftovers() -> None:
 
 
 async def spawn(
-    command: Sequence[str], *, stdin: int = subprocess.DEVNULL, stdout: int = subprocess.PIPE
+    command: Sequence[str],
+    *,
+    stdin: int = subprocess.DEVNULL,
+    stdout: int = subprocess.PIPE,
+    env: Mapping[str, str] | None = None,
+    cpus: AbstractSet[int] | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start a tracked child process (stderr piped)."""
+    """Start a tracked child process (stderr piped); `env` replaces the environment,
+    `cpus` pins it (and every process or thread it starts) to those CPUs."""
+    pin = _pinner(set(cpus)) if cpus else None
     process = await asyncio.create_subprocess_exec(
-        *command, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE
+        *command, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env, preexec_fn=pin
     )
     _LIVE.add(process)
     return process
+
+
+def _pinner(cpus: set[int]) -> Callable[[], None]:
+    def pin() -> None:  # in the child, before exec: nothing it starts escapes the set
+        os.sched_setaffinity(0, cpus)
+
+    return pin
 
 
 async def exited(process: asyncio.subprocess.Process, timeout: float) -> bool:
@@ -238,9 +254,11 @@ async def running(
     stdin: int = subprocess.DEVNULL,
     expect_exit: bool = False,
     timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
+    cpus: AbstractSet[int] | None = None,
 ) -> AsyncIterator[Server]:
     """Start a contender, wait for its announcement, yield it, and always stop it."""
-    process = await spawn(command, stdin=stdin)
+    process = await spawn(command, stdin=stdin, env=env, cpus=cpus)
     assert process.stderr is not None
     seen = b""
     server: Server | None = None
@@ -269,6 +287,52 @@ async def running(
         if server is None:
             server = Server(process, 0)
         await server.stop(expect_exit=expect_exit)
+
+
+@contextlib.asynccontextmanager
+async def running_on(
+    command: Sequence[str],
+    port: int,
+    *,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
+    cpus: AbstractSet[int] | None = None,
+) -> AsyncIterator[Server]:
+    """`running()` for a server that announces nothing (nginx, LiteLLM): started on
+    the `port` it was told, ready once that port accepts a connection."""
+    process = await spawn(command, env=env, cpus=cpus)
+    server = Server(process, port)
+    server._drain()
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if process.returncode is not None or await exited(process, 0.0):
+                raise ServerError(
+                    f"exited {process.returncode} before serving: "
+                    f"{server.stderr_tail.decode(errors='replace').strip()[-300:]}"
+                )
+            try:
+                _, writer = await asyncio.open_connection(HOST, port)
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ServerError(
+                        f"not listening on port {port} within {timeout:.0f} s"
+                    ) from None
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            break
+        yield server
+    finally:
+        await server.stop()
+
+
+def free_port() -> int:
+    """A port free right now, for a server that cannot pick its own and say which."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
 
 
 def workdir() -> Path:

@@ -56,6 +56,14 @@ def _below(limit: float) -> Callable[[Values], bool | None]:
     return met
 
 
+def _at_most(limit: float) -> Callable[[Values], bool | None]:
+    def met(values: Values) -> bool | None:
+        ours = values.get("sserelay")
+        return None if ours is None else ours <= limit
+
+    return met
+
+
 ROWS: tuple[Row, ...] = (
     Row(
         "throughput",
@@ -90,6 +98,28 @@ ROWS: tuple[Row, ...] = (
         "<32 KiB",
         _below(32.0),
     ),
+    Row("fanout10k", "lag_p50_ms", "fan-out 10k lag p50, ms", 2, ("go", "floor")),
+    Row(
+        "fanout10k",
+        "lag_p99_ms",
+        "fan-out 10k lag p99, ms",
+        2,
+        ("go", "floor"),
+        "<100 ms",
+        _below(100.0),
+    ),
+    Row("fanout10k", "cpu_pct", "fan-out 10k server CPU, % of a core", 0, ("go", "floor")),
+    Row("fanout10k", "client_cpu_pct", "fan-out 10k clients' CPU, % of a core", 0),
+    Row("fanout10k", "delivered_pct", "fan-out 10k events delivered, %", 1),
+    Row(
+        "fanout10k",
+        "kib_per_client",
+        "memory per idle client at 10k, KiB",
+        1,
+        ("go", "floor"),
+        "<=16 KiB",
+        _at_most(16.0),
+    ),
     Row("proxy", "p50_ms", "proxy close->upstream close p50, ms", 2),
     Row("proxy", "p99_ms", "proxy close->upstream close p99, ms", 2),
     Row(
@@ -105,6 +135,46 @@ ROWS: tuple[Row, ...] = (
 )
 
 
+def capacity_rows(streams: Sequence[int], rate: float) -> tuple[Row, ...]:
+    """The proxy capacity table: one block of rows per N (the goals are issue 17's, at 1,000)."""
+    rows: list[Row] = []
+    for n in streams:
+        key, at = f"n{n}_", f"N={n:,}:"
+        big = n >= 1000
+        rows += [
+            Row("capacity", f"{key}delay_p50_ms", f"{at} added delay p50, ms", 1, ("nginx",)),
+            Row(
+                "capacity",
+                f"{key}delay_p99_ms",
+                f"{at} added delay p99, ms",
+                1,
+                ("nginx",),
+                "<50 ms" if big else "",
+                _below(50.0) if big else None,
+            ),
+            Row("capacity", f"{key}cpu_pct", f"{at} proxy CPU, % of a core", 0, ("nginx",)),
+            Row(
+                "capacity",
+                f"{key}events_per_s",
+                f"{at} events/s delivered (offered {n * rate:,.0f})",
+                0,
+            ),
+            Row(
+                "capacity",
+                f"{key}us_per_event",
+                f"{at} proxy CPU per event, us",
+                1,
+                ("nginx",),
+                "<=2x nginx" if big else "",
+                _at_most_times("nginx", 2.0) if big else None,
+            ),
+            Row("capacity", f"{key}upstream_cpu_pct", f"{at} upstream CPU, % of a core", 0),
+            Row("capacity", f"{key}client_cpu_pct", f"{at} clients' CPU, % of a core", 0),
+            Row("capacity", f"{key}other_cpu_pct", f"{at} anything else's CPU, %", 0),
+        ]
+    return tuple(rows)
+
+
 @dataclass(frozen=True)
 class Cell:
     value: float | None
@@ -117,10 +187,17 @@ def _format(value: float, digits: int) -> str:
     return f"{value:,.{digits}f}"
 
 
-def build(results: Results, names: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows (as JSON-ready dicts) for the figures that ran, and the footnotes."""
+def build(
+    results: Results,
+    names: Sequence[str],
+    specs: Sequence[Row] = ROWS,
+    footnotes: list[str] | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows (as JSON-ready dicts) of `specs` for the figures that ran, and the
+    footnotes (appended to `footnotes` when given: tables built one after another
+    share one numbering)."""
     notes: dict[tuple[str, str], int] = {}
-    footnotes: list[str] = []
+    footnotes = [] if footnotes is None else footnotes
 
     def footnote(figure: str, name: str, note: str) -> str:
         key = (figure, name)
@@ -130,7 +207,7 @@ def build(results: Results, names: Sequence[str]) -> tuple[list[dict[str, Any]],
         return f" [{notes[key]}]"
 
     rows: list[dict[str, Any]] = []
-    for row in ROWS:
+    for row in specs:
         outcomes = results.get(row.figure)
         if outcomes is None:
             continue
@@ -174,7 +251,8 @@ def build(results: Results, names: Sequence[str]) -> tuple[list[dict[str, Any]],
     return rows, footnotes
 
 
-def render(rows: list[dict[str, Any]], footnotes: list[str], names: Sequence[str]) -> str:
+def render(rows: list[dict[str, Any]], footnotes: Sequence[str], names: Sequence[str]) -> str:
+    """One table; `footnotes` printed below it (pass none to print them elsewhere)."""
     header = ["figure", *names, "ratio (sserelay / ref)", "goal"]
     table = [header]
     for row in rows:

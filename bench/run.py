@@ -27,12 +27,26 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from figures import FIGURES, Outcome, Settings, merge_rounds, write_lines_file
+from capacity import PROXY_NAMES, Placement, Proxy, capacity, discover_proxies, fanout10k
+from figures import FIGURES, Figure, Outcome, Settings, merge_rounds, write_lines_file
 from lineup import BENCH, NAMES, Contender, discover, kill_leftovers, workdir
-from report import Results, build, render
+from report import ROWS, Results, build, capacity_rows, render
 
 T = TypeVar("T")
 ALIASES = {"memory": "fanout"}  # memory is measured in the fan-out session
+#: The figures each contender of the serve lineup runs, in order.
+SERVE_FIGURES: dict[str, Figure] = {
+    name: figure
+    for name, figure in [*FIGURES.items(), ("fanout10k", fanout10k)]
+    if name != "startup"
+} | {"startup": FIGURES["startup"]}
+#: Every figure: `capacity` runs its own lineup (PROXY_NAMES).
+ALL_FIGURES = (*SERVE_FIGURES, "capacity")
+ALL_NAMES = (*NAMES, *(name for name in PROXY_NAMES if name not in NAMES))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,13 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smaller loads (defaults below)")
     parser.add_argument(
         "--only",
-        default=",".join(NAMES),
-        help=f"contenders, comma-separated (default: all of {','.join(NAMES)})",
+        default=",".join(ALL_NAMES),
+        help=f"contenders, comma-separated (default: all of {','.join(ALL_NAMES)}; "
+        f"{','.join(n for n in PROXY_NAMES if n not in NAMES)} run the capacity figure only)",
     )
     parser.add_argument(
         "--figures",
-        default=",".join(FIGURES),
-        help=f"figures, comma-separated (default: {','.join(FIGURES)}; memory = fanout)",
+        default=",".join(ALL_FIGURES),
+        help=f"figures, comma-separated (default: {','.join(ALL_FIGURES)}; memory = fanout)",
     )
     parser.add_argument("--lines", type=int, help="throughput lines (1,000,000; quick 100,000)")
     parser.add_argument("--latency-lines", type=int, help="latency lines at 1 kHz (2000; 500)")
@@ -59,6 +74,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fanout-seconds", type=float, help="fan-out stream length (5; 2)")
     parser.add_argument("--proxy-trials", type=int, help="proxy trials (100; 10)")
     parser.add_argument("--startup-runs", type=int, help="start-up repetitions (7; 3)")
+    parser.add_argument(
+        "--streams",
+        type=_ints,
+        help="capacity: concurrent streams, comma-separated (100,500,1000; 100)",
+    )
+    parser.add_argument("--capacity-window", type=float, help="capacity: measured seconds (5; 2)")
+    parser.add_argument("--capacity-warmup", type=float, help="capacity: seconds before (2; 1)")
+    parser.add_argument(
+        "--litellm-max-streams",
+        type=int,
+        help="capacity: largest N LiteLLM runs at (100; it saturates below)",
+    )
+    parser.add_argument("--fanout10k-clients", type=int, help="fanout10k clients (10000; 2000)")
+    parser.add_argument("--fanout10k-seconds", type=float, help="fanout10k stream length (5; 2)")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="capacity: do not give the proxy a CPU of its own",
+    )
     parser.add_argument(
         "--sserelay",
         metavar="EXE",
@@ -73,11 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     figures = [ALIASES.get(f.strip(), f.strip()) for f in args.figures.split(",") if f.strip()]
-    args.figures = [name for name in FIGURES if name in figures]
-    unknown = set(args.only) - set(NAMES)
+    args.figures = [name for name in ALL_FIGURES if name in figures]
+    unknown = set(args.only) - set(ALL_NAMES)
     if unknown:
         parser.error(f"unknown contender(s): {', '.join(sorted(unknown))}")
-    unknown = set(figures) - set(FIGURES)
+    unknown = set(figures) - set(ALL_FIGURES)
     if unknown:
         parser.error(f"unknown figure(s): {', '.join(sorted(unknown))}")
     return args
@@ -98,17 +132,31 @@ def settings_for(args: argparse.Namespace, where: Path) -> Settings:
         fanout_seconds=pick(args.fanout_seconds, 5.0, 2.0),
         proxy_trials=pick(args.proxy_trials, 100, 10),
         startup_runs=pick(args.startup_runs, 7, 3),
+        fanout10k_clients=pick(args.fanout10k_clients, 10_000, 2000),
+        fanout10k_seconds=pick(args.fanout10k_seconds, 5.0, 2.0),
+        capacity_streams=pick(args.streams, (100, 500, 1000), (100,)),
+        capacity_window=pick(args.capacity_window, 5.0, 2.0),
+        capacity_warmup=pick(args.capacity_warmup, 2.0, 1.0),
+        litellm_max_streams=pick(args.litellm_max_streams, 100, 100),
+        pin=not args.no_pin,
     )
 
 
-def raise_fd_limit(clients: int) -> None:
-    """1,000 client sockets here and 1,000 in the server: lift the soft limit (children
-    inherit it) as far as the hard limit allows."""
+def raise_fd_limit(sockets: int) -> str | None:
+    """Each client socket here (or in the swarm process) has a peer in the server:
+    lift the soft limit (children inherit it) as far as the hard limit allows.
+    Returns a warning if the hard limit is too low for `sockets`."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * clients + 1024
+    want = sockets + 1024
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if hard != resource.RLIM_INFINITY and hard < want:
+        return (
+            f"the fd hard limit ({hard}) is below the {want} the largest figure needs: "
+            "raise it (ulimit -Hn, as root) or expect failed connections"
+        )
+    return None
 
 
 def log(message: str) -> None:
@@ -120,15 +168,36 @@ def _summary(outcome: Outcome) -> str:
     return "; ".join(part for part in (numbers, outcome.note) if part)
 
 
-async def bench(args: argparse.Namespace, settings: Settings) -> tuple[list[Contender], Results]:
-    lineup = discover(args.only, settings.workdir, args.sserelay)
-    for contender in lineup:
-        if not contender.available:
-            log(f"{contender.name}: {contender.note}")
+async def bench(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[list[Contender], list[Proxy], Results]:
+    serve_figures = [f for f in args.figures if f in SERVE_FIGURES]
+    lineup = (
+        discover([n for n in args.only if n in NAMES], settings.workdir, args.sserelay)
+        if serve_figures
+        else []
+    )
+    proxies = (
+        discover_proxies(
+            [n for n in args.only if n in PROXY_NAMES],
+            args.sserelay,
+            settings.litellm_max_streams,
+        )
+        if "capacity" in args.figures
+        else []
+    )
+    for name, note in [(c.name, c.note) for c in lineup] + [(p.name, p.note) for p in proxies]:
+        if note is not None:
+            log(f"{name}: {note}")
     if "throughput" in args.figures:
         write_lines_file(settings.lines_file, settings.lines)
     results: Results = {}
     for figure in args.figures:
+        if figure == "capacity":
+            started = time.monotonic()
+            results[figure] = await capacity(proxies, settings, log)
+            log(f"{figure:>10} all           {time.monotonic() - started:5.1f} s")
+            continue
         runnable = [c for c in lineup if c.available]
         rounds: dict[str, list[Outcome]] = {c.name: [] for c in runnable}
         count = settings.latency_rounds if figure == "latency" else 1
@@ -140,7 +209,9 @@ async def bench(args: argparse.Namespace, settings: Settings) -> tuple[list[Cont
                 started = time.monotonic()
                 try:
                     # A hung contender must not hang the bench: every figure is bounded.
-                    outcome = await asyncio.wait_for(FIGURES[figure](contender, settings), 240)
+                    outcome = await asyncio.wait_for(
+                        SERVE_FIGURES[figure](contender, settings), 240
+                    )
                 except Exception as exc:
                     outcome = Outcome(note=f"error: {type(exc).__name__}: {exc}"[:300])
                 rounds[contender.name].append(outcome)
@@ -150,7 +221,7 @@ async def bench(args: argparse.Namespace, settings: Settings) -> tuple[list[Cont
             c.name: merge_rounds(rounds[c.name]) if c.available else Outcome(note=c.note)
             for c in lineup
         }
-    return lineup, results
+    return lineup, proxies, results
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:
@@ -166,6 +237,7 @@ def _meta(
     args: argparse.Namespace,
     settings: Settings,
     lineup: list[Contender],
+    proxies: list[Proxy],
     load_before: tuple[float, float, float],
 ) -> dict[str, Any]:
     go = shutil.which("go")
@@ -184,9 +256,14 @@ def _meta(
         "go": go_version,
         "quick": args.quick,
         "settings": {k: v for k, v in vars(settings).items() if k != "workdir"},
+        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE),
+        "placement": Placement.for_machine(settings.pin).describe(),
         "contenders": {
             c.name: {"available": c.available, "note": c.note, "broadcast_note": c.broadcast_note}
             for c in lineup
+        },
+        "proxies": {
+            p.name: {"available": p.available, "note": p.note, "command": p.argv} for p in proxies
         },
     }
 
@@ -195,22 +272,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     where = workdir()
     settings = settings_for(args, where)
-    raise_fd_limit(settings.clients)
+    sockets = settings.clients
+    if "fanout10k" in args.figures:
+        sockets = max(sockets, settings.fanout10k_clients)
+    if "capacity" in args.figures:
+        sockets = max(sockets, 2 * max(settings.capacity_streams))  # nginx: two per stream
+    if warning := raise_fd_limit(sockets):
+        log(f"note: {warning}")
     # Other work on the machine shows up in every figure: record it, and say so.
     load_before = os.getloadavg()
     if load_before[0] > 0.5:
         log(f"note: load average {load_before[0]:.2f} before the run; figures will be noisy")
     started = time.monotonic()
     try:
-        lineup, results = _run(bench(args, settings))
+        lineup, proxies, results = _run(bench(args, settings))
     finally:
         kill_leftovers()
         shutil.rmtree(where, ignore_errors=True)
-    names = [c.name for c in lineup]
-    rows, footnotes = build(results, names)
-    print(render(rows, footnotes, names), flush=True)
+    footnotes: list[str] = []
+    tables = []
+    if lineup:
+        names = [c.name for c in lineup]
+        tables.append((build(results, names, ROWS, footnotes)[0], names))
+    if proxies:
+        names = [p.name for p in proxies]
+        specs = capacity_rows(settings.capacity_streams, settings.capacity_rate)
+        tables.append((build(results, names, specs, footnotes)[0], names))
+    print("\n\n".join(render(rows, [], names) for rows, names in tables if rows), flush=True)
+    if footnotes:
+        print("\n" + "\n".join(footnotes), flush=True)
+    rows = [row for table, _ in tables for row in table]
     document = {
-        "meta": _meta(args, settings, lineup, load_before)
+        "meta": _meta(args, settings, lineup, proxies, load_before)
         | {"seconds": time.monotonic() - started},
         "rows": rows,
         "footnotes": footnotes,

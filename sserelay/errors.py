@@ -11,6 +11,7 @@
     ├── NoFlushError           a sink that cannot flush was handed to stream_sse()
     ├── RequestError           a client's request is refused as sent (400)
     ├── ClientDisconnected     the client went away; carries what it had received
+    ├── BudgetExhausted        the client's key ran out of budget mid-stream; carries the same
     └── Interrupted            the run was stopped (Ctrl-C, SIGTERM) while a stream was open
 
 Each class says which bill reason it ends a stream with (`reason`, a `metering.Reason`
@@ -88,6 +89,19 @@ class ClientDisconnected(SSERelayError):
     def __init__(self, tokens: int) -> None:
         super().__init__(f"client disconnected after {tokens} tokens")
         self.tokens = tokens
+
+
+class BudgetExhausted(SSERelayError):
+    """The stream was cut because its key's budget is spent: the event that would have passed
+    it was not sent. `tokens` is what it had been sent; `started` whether the response had
+    begun (else it can still be answered with an error status)."""
+
+    reason = "budget_exhausted"
+
+    def __init__(self, tokens: int, *, started: bool = True) -> None:
+        super().__init__(f"budget exhausted after {tokens} tokens")
+        self.tokens = tokens
+        self.started = started
 
 
 class Interrupted(SSERelayError):

@@ -82,10 +82,12 @@ def start_relay(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
 ) -> Relay:
-    """Run `python -m sserelay ARGS` (with `--port 0` unless a port is given)."""
+    """Run `python -m sserelay ARGS` (with `--port 0` unless a port is given; before a
+    `--`, after which the arguments are a command's)."""
     argv = [sys.executable, "-m", "sserelay", *args]
     if "--port" not in args and not (env and "SSERELAY_PORT" in env):
-        argv += ["--port", "0"]
+        at = argv.index("--") if "--" in argv else len(argv)
+        argv[at:at] = ["--port", "0"]
     proc = subprocess.Popen(
         argv,
         stdin=stdin,
@@ -125,13 +127,17 @@ def state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`proxy` and `serve --as` keep a ledger in $XDG_STATE_HOME by default: the tests' relays
     (and the in-process runs) keep theirs in a directory of the test run, never the user's."""
     home = tmp_path_factory.mktemp("state")
-    saved = os.environ.get("XDG_STATE_HOME")
-    os.environ["XDG_STATE_HOME"] = str(home)
+    # The tests count words unless they say otherwise (proxy and serve --as default to
+    # `auto`, OpenAI's BPE, which the tests of that feature ask for by name).
+    settings = {"XDG_STATE_HOME": str(home), "SSERELAY_TOKENIZER": "whitespace"}
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     yield home
-    if saved is None:
-        del os.environ["XDG_STATE_HOME"]
-    else:
-        os.environ["XDG_STATE_HOME"] = saved
+    for name, value in saved.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -39,3 +39,39 @@ def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
         assert figures["throughput"][name]["metrics"]["events_per_s"] > 0, figures
         assert figures["latency"][name]["metrics"]["p99_ms"] > 0, figures
     assert {row["metric"] for row in document["rows"]} >= {"events_per_s", "p99_ms"}
+
+
+def test_bench_capacity_figures_run_on_a_tiny_load(tmp_path: Path) -> None:
+    """The proxy capacity figure (sserelay and the direct floor: no nginx needed) and the
+    fan-out figure in its 10k form, both with a handful of clients."""
+    results = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RUN),
+            "--only=sserelay,floor,direct",
+            "--figures=capacity,fanout10k",
+            "--streams=5",
+            "--capacity-warmup=0.3",
+            "--capacity-window=0.7",
+            "--fanout10k-clients=20",
+            "--fanout10k-seconds=0.5",
+            f"--json={results}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "N=5: added delay p99, ms" in done.stdout
+    document: dict[str, Any] = json.loads(results.read_text())
+    figures = document["figures"]
+    assert set(figures) == {"capacity", "fanout10k"}
+    for name in ("sserelay", "direct"):
+        metrics = figures["capacity"][name]["metrics"]
+        assert metrics["n5_events_per_s"] > 0, figures
+        assert metrics["n5_delay_p99_ms"] > 0, figures
+    assert figures["capacity"]["sserelay"]["metrics"]["n5_us_per_event"] > 0, figures
+    for name in ("sserelay", "floor"):
+        assert figures["fanout10k"][name]["metrics"]["delivered_pct"] > 99, figures

@@ -18,8 +18,10 @@ from sserelay.cli.options import (
     EXIT_ERROR,
     EXIT_SIGTERM,
     EXIT_USAGE,
+    CommandAfterDashes,
     common_options,
     option_of,
+    print_tokenizers,
     proxy_options,
     serve_options,
 )
@@ -41,7 +43,11 @@ def main() -> None:
     """
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+#: An option left at its default (not given on the command line or in the environment).
+_DEFAULT = click.core.ParameterSource.DEFAULT
+
+
+@main.command(cls=CommandAfterDashes, epilog=EXIT_CODES_HELP)
 @serve_options
 @common_options
 def serve(**options: Any) -> None:
@@ -55,9 +61,16 @@ def serve(**options: Any) -> None:
     the last client leaves before the end, the bill is printed on stdout and
     sserelay exits; with --keep it serves until Ctrl-C. /ui is a live page.
 
+    With -- CMD [ARGS]..., sserelay runs CMD and serves its output. CMD's
+    stdout is a pseudo-terminal, so it line-buffers as in a terminal (no
+    stdbuf needed); its stdin is /dev/null; its stderr is kept, and its last
+    line is reported if CMD fails (non-zero exit: input_error). It is stopped
+    with its children (SIGTERM, then SIGKILL) when the run ends.
+
     \b
-    Example:
+    Examples:
       cat tokens.txt | sserelay serve --port 8000
+      sserelay serve -- python3 generate.py --n 100
       curl -N http://127.0.0.1:8000/
     """
     from sserelay.http.config import MockConfig, ServeConfig
@@ -66,14 +79,19 @@ def serve(**options: Any) -> None:
     as_json, quiet, receipts = _view_options(options)
     provider, once = options.pop("provider"), options.pop("once")
     common = _common(options, ledger_by_default=provider is not None)
-    paced = {name: options.pop(name) for name in ("source", "chunk", "rate", "delay", "realtime")}
+    paced = {
+        name: options.pop(name)
+        for name in ("source", "command", "chunk", "rate", "delay", "realtime")
+    }
+    if paced["command"] and ctx.get_parameter_source("source") is not _DEFAULT:
+        raise click.UsageError("SOURCE and -- CMD are two sources: give one")
     if provider is None:
         if once:
             raise click.UsageError("--once goes with --as (a plain stream ends by itself)")
         config: Config = _config(ServeConfig, **common, **paced, **options)
     else:
         for name in ("keep", "history", "max_lag"):
-            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            if ctx.get_parameter_source(name) is not _DEFAULT:
                 flag = option_of(name)
                 raise click.UsageError(f"{flag} is for a broadcast stream; --as answers "
                                        "each request anew")  # fmt: skip
@@ -106,7 +124,13 @@ def proxy(**options: Any) -> None:
 
     as_json, quiet, receipts = _view_options(options)
     common = _common(options, ledger_by_default=True)
-    config = _config(ProxyConfig, **common, **options)
+    force, append = options.pop("force"), options.pop("append")
+    if force and append:
+        raise click.UsageError("--force overwrites the recording, --append adds to it: not both")
+    if (force or append) and options["record"] is None:
+        raise click.UsageError(f"{'--force' if force else '--append'} goes with --record")
+    mode = "overwrite" if force else "append" if append else "new"
+    config = _config(ProxyConfig, **common, **options, record_mode=mode)
     _run(config, as_json=as_json, quiet=quiet, receipts=receipts)
 
 
@@ -117,7 +141,8 @@ def _view_options(options: dict[str, Any]) -> tuple[bool, bool, bool]:
 
 def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, Any]:
     """The options every command shares, as config fields (taken out of `options`).
-    A request-billing run (`proxy`, `serve --as`) keeps a ledger unless told not to."""
+    A request-billing run (`proxy`, `serve --as`) keeps a ledger unless told not to, and
+    counts each request with its model's tokenizer unless told otherwise."""
     from sserelay.http.access import Access
     from sserelay.ledger import default_ledger_path
 
@@ -126,6 +151,7 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
         raise click.UsageError("--ledger and --no-ledger say opposite things: give one")
     if ledger is None and ledger_by_default and not no_ledger:
         ledger = str(default_ledger_path())
+    tokenizer = options.pop("tokenizer") or ("auto" if ledger_by_default else "whitespace")
 
     access = Access(
         token=options.pop("auth_token"),
@@ -135,7 +161,7 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
     return {
         "host": options.pop("host"),
         "port": options.pop("port"),
-        "tokenizer": options.pop("tokenizer"),
+        "tokenizer": tokenizer,
         "price": options.pop("price"),
         "heartbeat": options.pop("heartbeat"),
         "ids": not options.pop("no_ids"),
@@ -200,6 +226,7 @@ async def _serve_live(
     typing = (
         isinstance(config, ServeConfig | MockConfig)
         and config.source == "-"
+        and not config.command  # serve -- CMD reads the command, not the terminal
         and sys.stdin is not None
         and sys.stdin.isatty()
     )
@@ -304,5 +331,12 @@ def _silence_stdout() -> None:
 
 
 main.add_command(usage)
+
+
+@main.command()
+def tokenizers() -> None:
+    """List the tokenizers --tokenizer takes, and what each counts (all offline)."""
+    print_tokenizers()
+
 
 __all__ = ["EXIT_CODES", "EXIT_USAGE", "main"]

@@ -222,7 +222,14 @@ def format_group(figures: dict[str, float | int | None]) -> str:
 
 def format_usage(usage: Usage) -> str:
     """An upstream's usage report; a count it did not report is `?`, never 0."""
-    shown = {"input_tokens": "in", "output_tokens": "out", "total_tokens": "total"}
+    shown = {
+        "input_tokens": "in",
+        "output_tokens": "out",
+        "total_tokens": "total",
+        "cached_tokens": "cached",
+        "cache_creation_tokens": "cache_write",
+        "reasoning_tokens": "reasoning",
+    }
     return " ".join(
         f"{shown.get(key, key)}={'?' if value is None else format_count(value)}"
         for key, value in usage.to_dict().items()
@@ -241,6 +248,9 @@ def format_request(c: ClientBill) -> str:
         parts.append(f"upstream {format_usage(c.upstream_usage)}")
     if c.cost is not None:
         parts.append(f"cost {format_cost(c.cost)}")
+    if c.tokenizer is not None:
+        name, estimate = c.tokenizer
+        parts.append(f"[{name}{', estimate' if estimate else ''}]")
     return " ".join(parts)
 
 
@@ -259,7 +269,19 @@ def format_receipt(c: ClientBill, error: str | None = None) -> str:
         f"{format_count(c.events)} events · {format_bytes(c.bytes)} · {c.duration_s:.3f} s · "
         f"{c.reason}"
     )
+    apart = c.apart
+    if apart is not None and apart > RECONCILE and c.upstream_usage is not None:
+        # Metered and reported differ past the tolerance: say so, for reconciliation.
+        line += (
+            f" (metered {format_count(c.tokens)} vs reported "
+            f"{format_count(c.upstream_usage.output_tokens or 0)} output tokens: "
+            f"{apart:.0%} apart)"
+        )
     return f"{line}: {error}" if error else line
+
+
+#: Metered and reported output tokens this far apart (a fraction) are flagged in receipts.
+RECONCILE = 0.10
 
 
 @dataclass(frozen=True, slots=True)

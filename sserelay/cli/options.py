@@ -15,6 +15,7 @@ from sserelay.metering.reason import Reason
 from sserelay.metering.tokens import tokenizer_names
 from sserelay.providers.answers import PROVIDERS
 from sserelay.providers.payloads import PAYLOAD_KINDS
+from sserelay.record.format import AS_RECORDED
 from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_MAX_LAG
 from sserelay.wire.chunking import CHUNK_MODES
 
@@ -39,12 +40,35 @@ Exit codes:
   2    usage error
   3    client_disconnected: the client went away before the end
   4    upstream_error: the upstream failed
-  5    input_error: the input could not be read
+  5    input_error: the input could not be read, or its command failed
   6    slow_client: the last client fell too far behind (--max-lag) and was cut off
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM
 """
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: What each tokenizer counts (without loading a vocabulary to ask it).
+TOKENIZERS = {
+    "auto": "the request's model's encoding: o200k_base for gpt-4o, gpt-4.1, gpt-5, o1-o4; "
+    "cl100k_base for gpt-4, gpt-3.5; o200k_base as an estimate for any other model",
+    "whitespace": "whitespace-delimited words (len(text.split()))",
+    "chars": "Unicode code points",
+    "o200k_base": "OpenAI's BPE of gpt-4o, gpt-4.1, gpt-5 and o1-o4 (offline)",
+    "cl100k_base": "OpenAI's BPE of gpt-4 and gpt-3.5 (offline)",
+}
+
+
+def print_tokenizers() -> None:
+    """What `sserelay tokenizers` (and `--tokenizer list`) prints: a name and what it counts."""
+    for name in tokenizer_names():
+        click.echo(f"{name:<12} {TOKENIZERS.get(name, '')}".rstrip())
+
+
+def _tokenizer_list(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value == "list":
+        print_tokenizers()
+        ctx.exit(0)
+    return value
 
 
 class Finite(click.ParamType[float, Any]):
@@ -121,9 +145,11 @@ common_options = apply(
                help="No live view on stderr (receipts stay: --no-receipts)."),
         option("--no-receipts", env="NO_RECEIPTS", is_flag=True,
                help="No receipt line on stderr as each request ends (serve --as, proxy)."),
-        option("--tokenizer", env="TOKENIZER", default="whitespace", show_default=True,
-               metavar="NAME", type=click.Choice(tokenizer_names()),
-               help="How tokens are counted: whitespace (words) or chars."),
+        option("--tokenizer", env="TOKENIZER", metavar="NAME",
+               type=click.Choice([*tokenizer_names(), "list"]), callback=_tokenizer_list,
+               help="How tokens are counted: whitespace (words), chars, o200k_base or "
+               "cl100k_base (OpenAI's BPE, offline), or auto (the request's model's "
+               "encoding) [default: whitespace for serve, auto for proxy and serve --as]."),
         option("--price", env="PRICE", type=Finite(), metavar="AMOUNT",
                help="Price per 1M tokens; the bill then shows the cost."),
         option("--heartbeat", env="HEARTBEAT", type=Finite(), default=15.0, show_default=True,
@@ -158,7 +184,8 @@ common_options = apply(
 
 serve_options = apply(
     [
-        click.argument("source", required=False, default="-", metavar="[SOURCE]"),
+        click.argument("source", required=False, default="-",
+                       metavar="[SOURCE | -- CMD [ARGS]...]"),
         option("--chunk", env="CHUNK", type=click.Choice(CHUNK_MODES), default="line",
                show_default=True,
                help="One event per line, per word (with the whitespace before it, like model "
@@ -178,12 +205,15 @@ serve_options = apply(
         option("--max-lag", env="MAX_LAG", type=click.IntRange(min=1), metavar="EVENTS",
                help=f"Cut off (slow_client) a client more than EVENTS events behind the newest "
                f"[default: {DEFAULT_MAX_LAG} or --history, if larger]."),
-        option("--as", "provider", env="AS", type=click.Choice(PROVIDERS),
+        option("--as", "provider", env="AS", type=click.Choice([*PROVIDERS, AS_RECORDED]),
                help="Be a mock LLM API: answer the provider's completion requests (and its "
-               "SDK) with SOURCE's text, streamed or whole, each request anew, until Ctrl-C."),
+               "SDK) with SOURCE's text, streamed or whole, each request anew, until Ctrl-C; "
+               "a recording's requests each get the text of the exchange they match. "
+               "'recorded': replay a recording's exchanges as recorded (status, headers, "
+               "bytes), each request the one it matches."),
         option("--once", env="ONCE", is_flag=True,
-               help="With --as: exit when the first completion request ends, with its bill "
-               "and code."),
+               help="With --as: exit when the first completion request (with --as recorded, "
+               "the first request) ends, with its bill and code."),
     ]
 )  # fmt: skip
 
@@ -217,13 +247,40 @@ proxy_options = apply(
                help="Exit when the first proxied request ends, with its bill and exit code."),
         option("--record", env="RECORD", metavar="FILE",
                type=click.Path(dir_okay=False, writable=True),
-               help="Record the first request's answer, as relayed, to FILE (JSON Lines with "
-               "the time of each event, written as it goes); `sserelay serve FILE` replays it."),
+               help="Record every exchange (request, answer as relayed, the time of each "
+               "event) to FILE, JSON Lines written as it goes; `sserelay serve FILE --as "
+               "recorded` replays them. An existing FILE is refused unless --force or --append."),
+        option("--force", env="FORCE", is_flag=True,
+               help="With --record: overwrite FILE if it exists."),
+        option("--append", env="APPEND", is_flag=True,
+               help="With --record: add the exchanges to FILE if it exists."),
     ]
 )  # fmt: skip
 
 #: The option that sets each config field, where it is not `--field-name`.
-OPTION_OF_FIELD = {"provider": "--as", "source": "SOURCE", "upstream_headers": "--upstream-header"}
+OPTION_OF_FIELD = {
+    "provider": "--as",
+    "source": "SOURCE",
+    "command": "CMD",
+    "upstream_headers": "--upstream-header",
+}
+
+
+class CommandAfterDashes(click.Command):
+    """A command whose arguments after the first `--` are a program to run and its own
+    arguments (`serve -- CMD ARGS...`), put in the `command` parameter as a tuple:
+    click alone would hand the program's name to SOURCE."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        command: tuple[str, ...] = ()
+        if "--" in args:
+            at = args.index("--")
+            args, command = args[:at], tuple(args[at + 1 :])
+            if not command:
+                raise click.UsageError("-- is followed by nothing: give the command to run", ctx)
+        rest = super().parse_args(ctx, args)
+        ctx.params["command"] = command
+        return rest
 
 
 def option_of(field: str | None) -> str | None:

@@ -9,11 +9,14 @@ headers). It is compared in constant time, and never forwarded anywhere.
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
 
 from starlette.types import Scope
 
 from sserelay.http.asgi import header_values, query_values
+from sserelay.metering.budget import Allowance, Budgets
+from sserelay.metering.keys import Key, KeyRing
 from sserelay.metering.reason import Reason
 
 #: Headers that may carry a client's secret, as SDKs send them (lower case).
@@ -65,6 +68,55 @@ def presented_secret(scope: Scope) -> str | None:
     if len(set(found)) > 1:
         raise AmbiguousCredentials("the request presents two different credentials")
     return found[0] if found else None
+
+
+class Keys:
+    """Who may use a relay and how much (`--keys`, and `--auth-token` as one anonymous key
+    without limits): the key a request presents, and its budgets and rate limits.
+
+    `record_refusals`: a request refused by the policy (unknown key, a model the key may
+    not use, a spent budget, a rate limit) is a row of the bill and the ledger, with 0
+    tokens and its reason; true with a keys file."""
+
+    def __init__(self, ring: KeyRing, budgets: Budgets, *, record_refusals: bool) -> None:
+        self.ring = ring
+        self.budgets = budgets
+        self.record_refusals = record_refusals
+
+    def identify(self, scope: Scope) -> Key | Refusal:
+        """The key the request presents, or why it is refused (401, or 400 for two)."""
+        try:
+            given = presented_secret(scope)
+        except AmbiguousCredentials as exc:
+            return Refusal(400, Reason.UNAUTHORIZED, f"bad request: {exc}")
+        key = None if given is None else self.ring.find(given)
+        if key is None:
+            what = "no key" if given is None else "an unknown key"
+            return Refusal(
+                401,
+                Reason.UNAUTHORIZED,
+                f"unauthorized: the request presents {what} (send Authorization: Bearer "
+                "KEY, x-api-key: KEY, or ?token=KEY)",
+                ((b"www-authenticate", b"Bearer"),),
+            )
+        return key
+
+    def admit(self, key: Key, model: str | None) -> Refusal | None:
+        """None if `key` may start a request for `model` now, else why not (403, 429)."""
+        admission = self.budgets.admit(key, model, time.time())
+        if admission.ok:
+            return None
+        headers: tuple[tuple[bytes, bytes], ...] = ()
+        if admission.retry_after is not None:
+            headers = ((b"retry-after", str(admission.retry_after).encode()),)
+        reason = Reason(str(admission.reason))
+        return Refusal(admission.status, reason, admission.message, headers)
+
+    def allowance(self, key: Key) -> Allowance | None:
+        """The budget one stream of `key` takes from (None: the key has no budget)."""
+        if key.budget_tokens is None and key.budget_cost is None and not key.tokens_per_minute:
+            return None
+        return self.budgets.allowance(key, time.time())
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,8 @@ from sserelay.http.access import Access
 from sserelay.metering.tokens import tokenizer_names
 from sserelay.providers.answers import PROVIDERS
 from sserelay.providers.payloads import PAYLOAD_KINDS
+from sserelay.record.format import AS_RECORDED
+from sserelay.record.recorder import RECORD_MODES
 from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_MAX_LAG
 from sserelay.wire.chunking import CHUNK_MODES
 
@@ -100,6 +102,8 @@ class _Paced(RunConfig):
 
     #: a path, or "-" for stdin
     source: str = "-"
+    #: a program and its arguments, run under a pty: its output is the source instead
+    command: tuple[str, ...] = ()
     chunk: str = "line"
     #: tokens per second
     rate: float | None = None
@@ -111,6 +115,12 @@ class _Paced(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("chunk", self.chunk, CHUNK_MODES)
+        if self.command:
+            object.__setattr__(self, "command", tuple(self.command))  # a list given is kept
+            if not self.command[0]:
+                raise ConfigError("the command is empty", "command")
+            if self.source != "-":
+                raise ConfigError("give SOURCE or a command to run, not both", "command")
         _finite("rate", self.rate, open_low=True)
         _finite("delay", self.delay)
         if self.realtime and (self.rate is not None or self.delay):
@@ -153,15 +163,17 @@ class ServeConfig(_Paced):
 @dataclass(frozen=True, kw_only=True)
 class MockConfig(_Paced):
     """`sserelay serve SOURCE --as PROVIDER`: a mock of the provider's API answering with
-    the source's text, each request anew."""
+    the source's text, each request anew (with a recording's, the text of the exchange
+    each request matches). `--as recorded` replays a recording's exchanges as recorded."""
 
+    #: one of PROVIDERS, or "recorded"
     provider: str = "openai"
-    #: end with the first completion request
+    #: end with the first completion request (the first request, as recorded)
     once: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("provider", self.provider, PROVIDERS)
+        _choice("provider", self.provider, (*PROVIDERS, AS_RECORDED))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,12 +191,17 @@ class ProxyConfig(RunConfig):
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
     once: bool = False
-    #: record the first request's answer to this file
+    #: record every exchange to this file (a cassette)
     record: str | None = None
+    #: what to do if `record` exists: refuse it ("new"), "overwrite" it, or "append" to it
+    record_mode: str = "new"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("payload", self.payload, PAYLOAD_KINDS)
+        _choice("record_mode", self.record_mode, RECORD_MODES)
+        if self.record is None and self.record_mode != "new":
+            raise ConfigError("--force and --append go with --record", "record")
         _finite("connect_timeout", self.connect_timeout, open_low=True)
         _finite("read_timeout", self.read_timeout, open_low=True)
         if not self.upstream:

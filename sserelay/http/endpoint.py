@@ -21,12 +21,15 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import Scope, Send
 
-from sserelay.http.access import Access, Refusal
+from sserelay.http.access import Access, Keys, Refusal
 from sserelay.http.asgi import header, peer, send_json, send_response
 from sserelay.metering.bill import ClientBill, RequestFacts
+from sserelay.metering.keys import Key
 from sserelay.metering.meter import ClientMeter, Meter, is_valid_request_id
 from sserelay.metering.reason import Reason
-from sserelay.providers.errors import error_body
+from sserelay.metering.tokens import Tokenizer, tokenizer_for
+from sserelay.providers.errors import error_body, stream_error_event
+from sserelay.streaming.gate import BudgetGate
 
 #: How a request ended: its reason and its error message, if any.
 Outcome = tuple[Reason, "str | None"]
@@ -38,9 +41,18 @@ SHUTDOWN_GRACE = 2.0
 class Endpoint:
     """The life cycle the stream, mock and proxy endpoints share (see the module docstring)."""
 
-    def __init__(self, meter: Meter, *, access: Access | None = None, once: bool = False) -> None:
+    def __init__(
+        self,
+        meter: Meter,
+        *,
+        access: Access | None = None,
+        once: bool = False,
+        keys: Keys | None = None,
+    ) -> None:
         self.meter = meter
         self.access = access or Access()
+        #: who may use the relay and how much, with keys (--keys, --auth-token)
+        self.keys = keys
         self.once = once
         self.finished = asyncio.Event()
         self.reason: Reason | None = None
@@ -85,16 +97,62 @@ class Endpoint:
     def refusal(self, scope: Scope) -> Refusal | None:
         """Why a new request is not served, if it is not: shutting down, its credentials,
         too many clients."""
-        if self.closed:
-            return Refusal(503, None, self.closed_message(), ((b"retry-after", b"1"),))
-        refused = self.access.authorize(scope)
-        if refused is not None:
-            return refused
-        return self.access.over_capacity(self.open)
+        return self.identify(scope)[1]
 
-    async def refuse(self, send: Send, refusal: Refusal, api: str | None) -> None:
+    def identify(self, scope: Scope) -> tuple[Key | None, Refusal | None]:
+        """The key a new request presents (None without keys) and why it is not served, if
+        it is not: shutting down, its credentials, too many clients."""
+        if self.closed:
+            return None, Refusal(503, None, self.closed_message(), ((b"retry-after", b"1"),))
+        key = None
+        if self.keys is not None:
+            found = self.keys.identify(scope)
+            if isinstance(found, Refusal):
+                return None, found
+            key = found
+        else:
+            refused = self.access.authorize(scope)
+            if refused is not None:
+                return None, refused
+        return key, self.access.over_capacity(self.open)
+
+    def admit(self, key: Key | None, model: str | None) -> Refusal | None:
+        """Why `key` may not start a request for `model` now (403, 429), if it may not."""
+        if self.keys is None or key is None:
+            return None
+        return self.keys.admit(key, model)
+
+    async def refuse(
+        self,
+        scope: Scope,
+        send: Send,
+        refusal: Refusal,
+        api: str | None,
+        *,
+        request: RequestFacts | None = None,
+        key: Key | None = None,
+    ) -> None:
+        """Answer `refusal` in `api`'s error shape; with keys, a refusal by the policy is a
+        row of the bill (0 tokens, its reason), so the ledger keeps it too."""
+        if self.keys is not None and self.keys.record_refusals and refusal.reason is not None:
+            client = self.meter.open_client(
+                peer(scope), request, key=None if key is None else key.name
+            )
+            self.meter.close(client, refusal.reason, refusal.message)
         headers = (*refusal.headers, *self.access.cors_headers)
-        await answer_error(send, refusal.status, refusal.message, api, headers=headers)
+        code = None if refusal.reason is None else str(refusal.reason)
+        await answer_error(send, refusal.status, refusal.message, api, code=code, headers=headers)
+
+    def budget_event(self, client: ClientMeter, api: str | None, *, sse: bool = True) -> bytes:
+        """The error event that ends a client's stream when its key's budget is spent."""
+        return stream_error_event(api, budget_message(client), "budget_exhausted", sse=sse)
+
+    def gate(self, client: ClientMeter, error_event: bytes) -> BudgetGate | None:
+        """The budget gate of a client whose key has a budget (None: nothing to check)."""
+        if client.allowance is None:
+            return None
+        price = self.meter.pricing.output_price(client.model)
+        return BudgetGate(client.allowance, client, price_per_token=price, error_event=error_event)
 
     async def serve_client(
         self,
@@ -103,6 +161,7 @@ class Endpoint:
         *,
         request: RequestFacts | None = None,
         unforeseen: Outcome,
+        key: Key | None = None,
     ) -> ClientBill:
         """Run `handle` for one client as a row of the bill. `unforeseen` is the outcome if
         something escapes `handle`: the client is still billed, and `once` still ends,
@@ -110,7 +169,11 @@ class Endpoint:
         self._claimed = True
         given = header(scope, b"x-request-id")
         request_id = given if given is not None and is_valid_request_id(given) else None
-        client = self.meter.open_client(peer(scope), request, request_id=request_id)
+        client = self.meter.open_client(
+            peer(scope), request, request_id=request_id, key=None if key is None else key.name
+        )
+        if key is not None and self.keys is not None:
+            client.allowance = self.keys.allowance(key)
         self.open += 1
         outcome = unforeseen
         try:
@@ -120,6 +183,13 @@ class Endpoint:
             raise
         finally:
             self.open -= 1
+            if client.allowance is not None:
+                # The input is charged once reported (a cost budget may be passed by it,
+                # which then stops the key's next request), and the stream's use settled.
+                cost = self.meter.pricing.input_cost(client.upstream_usage, client.model)
+                if cost:
+                    client.allowance.charge_input(cost)
+                client.allowance.close()
             reason, error = outcome
             bill = self.meter.close(client, reason, error)
             self._ended(bill)
@@ -132,6 +202,33 @@ class Endpoint:
                 self._finish(Reason.INTERRUPTED)
         elif self.once:
             self._finish(bill.reason, bill.error)
+
+
+async def resolve_tokenizer(name: str, model: str | None) -> tuple[Tokenizer, bool]:
+    """The tokenizer of a request for `model` under `--tokenizer NAME` (see tokenizer_for);
+    the first request that needs a vocabulary loads it in a thread, off the event loop."""
+    try:
+        return tokenizer_for(name, model, load=False)
+    except LookupError:
+        return await asyncio.to_thread(tokenizer_for, name, model)
+
+
+def budget_message(client: ClientMeter) -> str:
+    """Why a client's stream was cut, naming its key and budget (one line, no secret)."""
+    allowance = client.allowance
+    if allowance is None:
+        return "budget exhausted"
+    key = allowance.key
+    budgets = []
+    if key.budget_tokens is not None:
+        budgets.append(f"{key.budget_tokens} tokens")
+    if key.budget_cost is not None:
+        budgets.append(f"a cost of {key.budget_cost:g}")
+    period = "" if key.period.value == "total" else f" {key.period.value}"
+    return (
+        f"budget exhausted: key {key.name!r} has spent its{period} budget of "
+        f"{' and '.join(budgets) or 'tokens'}"
+    )
 
 
 def request_id_header(client: ClientMeter) -> tuple[bytes, bytes]:

@@ -30,6 +30,7 @@ import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -287,6 +288,16 @@ class Monitor:
             "by_reason": view.by_reason(),
             "by_key": {name: sums.to_dict() for name, sums in view.by_key().items()},
             "by_model": {name: sums.to_dict() for name, sums in view.by_model().items()},
+            **self._budgets(),
+        }
+
+    def _budgets(self) -> dict[str, Any]:
+        """Each key's budget this period, where keys have budgets."""
+        if self.collector.budgets is None:
+            return {}
+        statuses = self.collector.budgets(self._wall_clock())
+        return {
+            "budgets": [{**asdict(status), "period": str(status.period)} for status in statuses]
         }
 
     async def spend(self) -> dict[str, Any] | None:

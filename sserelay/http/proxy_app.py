@@ -42,7 +42,13 @@ from sserelay.http.asgi import (
     unless,
     watch_disconnect,
 )
-from sserelay.http.endpoint import Endpoint, Outcome, answer_error, request_id_header
+from sserelay.http.endpoint import (
+    Endpoint,
+    Outcome,
+    answer_error,
+    request_id_header,
+    resolve_tokenizer,
+)
 from sserelay.metering.bill import RequestFacts
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
@@ -50,15 +56,12 @@ from sserelay.metering.tokens import Tokenizer
 from sserelay.providers.errors import api_of_path, error_detail
 from sserelay.providers.payloads import PayloadMeter
 from sserelay.providers.requests import ask_for_usage, read_json_request, requested_model
-from sserelay.record.format import Header
-from sserelay.record.recorder import Recorder
+from sserelay.record.recorder import ExchangeRecorder, Recorder
 from sserelay.secrecy import Redactor
 from sserelay.sources.upstream import Headers, Upstream, UpstreamResponse
-from sserelay.streaming.relays import BodyRelay, EventRelay, LineRelay
+from sserelay.streaming.relays import BodyRelay, EventRelay, Relay, relay_for
 from sserelay.streaming.stream import relay_frames
 from sserelay.wire.frames import Frames
-
-Relay = EventRelay | LineRelay | BodyRelay
 
 
 class _Moment(asyncio.Event):
@@ -109,7 +112,7 @@ class Proxy(Endpoint):
         upstream: Upstream,
         meter: Meter,
         *,
-        tokenizer: Tokenizer,
+        tokenizer: str,
         payload: str = "auto",
         keep_comments: bool = False,
         include_usage: bool = False,
@@ -142,9 +145,9 @@ class Proxy(Endpoint):
             headers = self.access.preflight_headers("GET, POST, PUT, PATCH, DELETE")
             await send_response(send, 204, b"", b"text/plain", headers)
             return
-        refusal = self.refusal(scope)
+        key, refusal = self.identify(scope)
         if refusal is not None:
-            await self.refuse(send, refusal, api)
+            await self.refuse(scope, send, refusal, api, key=key)
             return
         try:
             # Refused before it is billed and before any upstream connection.
@@ -178,7 +181,10 @@ class Proxy(Endpoint):
         response: UpstreamResponse | None = None
         relay: Relay | None = None
         frames: AsyncGenerator[Frames, None] | None = None
-        recorder = self.recorder if self.recorder is not None and self.recorder.claim() else None
+        recording: ExchangeRecorder | None = None
+        if self.recorder is not None:
+            recording = self.recorder.exchange(scope["method"], scope["path"])
+        whole = False  # whether the client got the whole answer (for the recording)
         try:
             try:
                 body = await unless(read_body(receive, MAX_REQUEST_BODY), self.stop)
@@ -190,6 +196,7 @@ class Proxy(Endpoint):
                     await answer_error(send, 503, "shutting down", api, headers=cors)
                     return Reason.INTERRUPTED, None
                 return Reason.CLIENT_DISCONNECTED, None
+            sent = body  # as the client sent it: a replay matches requests by it
             body, strip_usage, model = self._prepare(body)
             client.update_request(model=model)
             watcher = asyncio.create_task(watch_disconnect(receive, sink.gone))
@@ -217,14 +224,14 @@ class Proxy(Endpoint):
                 return Reason.CLIENT_DISCONNECTED, None
             client.update_request(status=response.status)
             sink.status = response.status
-            relay, headers = self._relay_for(response, strip_usage)
+            tokenizer, estimate = await resolve_tokenizer(self.tokenizer, model)
+            client.tokenizer = tokenizer.name, estimate
+            relay, headers = self._relay_for(response, strip_usage, tokenizer)
             progress = _Progress()
-            if recorder is not None:
-                recorder.start(
-                    Header(scope["method"], scope["path"], response.status, response.content_type)
-                )
+            if recording is not None:
+                recording.start(sent, response.status, headers)
             frames = self._frames(
-                response, relay, client, progress, None if recorder is None else recorder.write
+                response, relay, client, progress, None if recording is None else recording.write
             )
             try:
                 await relay_frames(
@@ -239,6 +246,7 @@ class Proxy(Endpoint):
                 # A client that leaves once it has the end of the answer ([DONE],
                 # message_stop, ...) got all of it, whatever the upstream still sends.
                 if progress.end_delivered:
+                    whole = True
                     return Reason.COMPLETE, None
                 return Reason.CLIENT_DISCONNECTED, None
             except (UpstreamError, Interrupted) as exc:
@@ -249,10 +257,13 @@ class Proxy(Endpoint):
                     return Reason.INTERRUPTED, None
                 return Reason.UPSTREAM_ERROR, str(exc)
             await sink.end()
+            whole = True
             if response.status >= 400:
                 return Reason.UPSTREAM_ERROR, self._status_error(response, relay)
             return Reason.COMPLETE, None
         finally:
+            if recording is not None:
+                recording.end(complete=whole)
             if frames is not None:
                 # relay_frames() closes it, unless it is cut before it starts: close it
                 # here too (a no-op if done).
@@ -279,27 +290,24 @@ class Proxy(Endpoint):
             return body, False, model
         return json.dumps(rewritten, ensure_ascii=False).encode(), True, model
 
-    def _relay_for(self, response: UpstreamResponse, strip_usage: bool) -> tuple[Relay, Headers]:
-        payload = PayloadMeter(self.payload)
-        kind = response.content_type
+    def _relay_for(
+        self, response: UpstreamResponse, strip_usage: bool, tokenizer: Tokenizer
+    ) -> tuple[Relay, Headers]:
+        relay = relay_for(
+            response.content_type,
+            response.status,
+            PayloadMeter(self.payload),
+            tokenizer,
+            keep_comments=self.keep_comments,
+            strip_usage=strip_usage,
+            text=self.payload in ("auto", "raw"),
+        )
         headers = response.headers
-        if response.status >= 400:
-            return BodyRelay(payload, self.tokenizer, meter=False), headers
-        if kind == "text/event-stream":
+        if isinstance(relay, EventRelay):
             headers = [(n, v) for n, v in headers if n != b"content-length"]
             if not any(n == b"x-accel-buffering" for n, _ in headers):
                 headers.append((b"x-accel-buffering", b"no"))
-            relay: Relay = EventRelay(
-                payload,
-                self.tokenizer,
-                keep_comments=self.keep_comments,
-                strip_usage=strip_usage,
-            )
-            return relay, headers
-        if kind == "application/json" or kind.endswith("+json"):
-            return BodyRelay(payload, self.tokenizer), headers
-        text = kind.startswith("text/") and self.payload in ("auto", "raw")
-        return LineRelay(payload, self.tokenizer, text=text), headers
+        return relay, headers
 
     async def _frames(
         self,

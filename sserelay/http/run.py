@@ -20,24 +20,33 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from sserelay.errors import ConfigError, OutputError
+from sserelay.errors import ConfigError
 from sserelay.http.config import Config, MockConfig, ProxyConfig, ServeConfig
 from sserelay.http.endpoint import Endpoint
 from sserelay.http.mock_app import COMPLETION_PATHS, Mock, create_mock_app
 from sserelay.http.monitor import Monitor, Spent
 from sserelay.http.proxy_app import Proxy, create_proxy_app
+from sserelay.http.replay_app import Player, create_player_app
 from sserelay.http.server import bound_address, listen, serve_app
 from sserelay.http.stream_app import StreamSession, create_app, ui_page
 from sserelay.ledger import new_instance_id, open_ledger
 from sserelay.ledger.writer import LedgerWriter
-from sserelay.metering.bill import Bill, Totals
+from sserelay.metering.bill import Bill, ClientBill, Totals
 from sserelay.metering.meter import MAX_BILL_ROWS, ClientMeter, Meter, MeterObserver
 from sserelay.metering.pricing import PriceList, Pricing
 from sserelay.metering.reason import Reason
-from sserelay.metering.tokens import Tokenizer, get_tokenizer
+from sserelay.metering.tokens import TokenCounter, Tokenizer, tokenizer_for
+from sserelay.record.format import AS_RECORDED
 from sserelay.record.recorder import Recorder
-from sserelay.record.replay import RecordingSource, ReplayCount, looks_like_recording
+from sserelay.record.replay import (
+    Cassette,
+    RecordingSource,
+    ReplayCount,
+    load_recording,
+    looks_like_recording,
+)
 from sserelay.secrecy import Redactor
+from sserelay.sources.command import CommandSource
 from sserelay.sources.pacing import Pacer
 from sserelay.sources.shared import FileText, SharedText
 from sserelay.sources.text import TextSource
@@ -126,10 +135,12 @@ async def run(
     tokenizer = _tokenizer(config.tokenizer)
     pricing = Pricing(config.price, _price_list(config))
     once = isinstance(config, MockConfig | ProxyConfig) and config.once
-    meter = Meter(tokenizer.name, pricing=pricing, keep_rows=None if once else MAX_BILL_ROWS)
+    meter = Meter(config.tokenizer, pricing=pricing, keep_rows=None if once else MAX_BILL_ROWS)
     for observer in observers:
         meter.subscribe(observer)
     warnings: list[str] = []
+    if pricing.models is not None:
+        meter.subscribe(_Unpriced(pricing, warnings, on_warning))
     async with _ledger(config, meter, warnings, on_warning) as ledger:
         endpoint, signals = await _serve_until_done(
             config, tokenizer, meter, warnings, on_ready, handle_signals, sock, ledger
@@ -187,6 +198,33 @@ async def _serve_until_done(
     return endpoint, signals
 
 
+class _Unpriced(MeterObserver):
+    """Says once per model that a price list has no price for it (its requests' cost is
+    null, and the bill counts them)."""
+
+    def __init__(
+        self, pricing: Pricing, warnings: list[str], on_warning: Callable[[str], None] | None
+    ) -> None:
+        self._pricing = pricing
+        self._warnings = warnings
+        self._on_warning = on_warning
+        self._said: set[str] = set()
+
+    def closed(self, bill: ClientBill) -> None:
+        model = bill.model
+        if bill.request is None or bill.cost is not None or model in self._said:
+            return
+        if len(self._said) < 100:  # a client naming a thousand models gets a hundred lines
+            self._said.add(model or "")
+            message = (
+                f"no price for model {model or '(none named)'} in the price list: its "
+                "requests are unpriced (cost null)"
+            )
+            self._warnings.append(message)
+            if self._on_warning is not None:
+                self._on_warning(message)
+
+
 class _LedgerUse:
     """The run's ledger, as run() reports it (and /usage reads it)."""
 
@@ -223,6 +261,8 @@ async def _monitoring(
         admin_token=config.admin_token,
         spent=None if ledger is None else ledger.spent,
         ledger=None if ledger is None else ledger.display,
+        # sserelay_budget_remaining and /usage's budgets, once keys have budgets
+        budgets=None if endpoint.keys is None else endpoint.keys.budgets.status,
     )
     if isinstance(endpoint, Proxy):
         endpoint.on_upstream_closed = monitor.tally.upstream_closed
@@ -265,7 +305,7 @@ async def _ledger(
             instance=instance,
             tokenizer=meter.tokenizer,
             checkpoint=config.checkpoint,
-            price_of=lambda c: meter.pricing.cost(c.tokens, c.upstream_usage, c.model),
+            price_of=lambda c: meter.pricing.cost(c.billed_tokens, c.upstream_usage, c.model),
             on_warning=warn,
             dead_after=dead_after,
         )
@@ -290,8 +330,10 @@ async def _ledger(
 
 
 def _tokenizer(name: str) -> Tokenizer:
+    """The run's tokenizer, loaded now (a missing vocabulary package is said before the
+    start); for `auto`, the encoding a request without a known model gets."""
     try:
-        return get_tokenizer(name)
+        return tokenizer_for(name)[0]
     except KeyError as exc:
         raise ConfigError(str(exc.args[0]), "tokenizer") from None
 
@@ -337,8 +379,10 @@ async def _serve(
     config: ServeConfig, tokenizer: Tokenizer, meter: Meter
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
     """`serve`: one hub over the source, broadcast to every client, and /ui."""
-    source: TextSource | RecordingSource
-    if looks_like_recording(config.source):
+    source: TextSource | RecordingSource | CommandSource
+    if config.command:
+        source = CommandSource(config.command, config.chunk)
+    elif looks_like_recording(config.source):
         source = RecordingSource(config.source)
     else:
         source = TextSource(config.source, config.chunk)
@@ -350,22 +394,32 @@ async def _serve(
 
 @contextlib.asynccontextmanager
 async def _serve_source(
-    config: ServeConfig, tokenizer: Tokenizer, meter: Meter, source: TextSource | RecordingSource
+    config: ServeConfig,
+    tokenizer: Tokenizer,
+    meter: Meter,
+    source: TextSource | RecordingSource | CommandSource,
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    # A line is whole, so it is counted alone; words and raw reads are pieces
-    # of one text, counted over the joined text (a word split in two is one token).
-    count = tokenizer.count if config.chunk == "line" else tokenizer.counter().feed
+    # A line is whole, so it is counted alone; words and raw reads are pieces of one text,
+    # counted over the joined text (a word split in two is one token; a BPE count holds
+    # back its open tail, billed at the end or as far as a leaving client got).
+    count: Callable[[str], int] = tokenizer.count
+    count_end: Callable[[], int] | None = None
+    pending: Callable[[], int] | None = None
     # How /ui reads the events: the events are the text, unless they replay a provider's payloads.
     payloads = ""
-    count_end = None
     if isinstance(source, RecordingSource):
         payloads = source.payloads
-        replay_count = ReplayCount(tokenizer, payloads)
-        count, count_end = replay_count.feed, replay_count.flush
+        counter: TokenCounter | ReplayCount = ReplayCount(tokenizer, payloads)
+    elif config.chunk != "line":
+        counter = tokenizer.counter()
+    if isinstance(source, RecordingSource) or config.chunk != "line":
+        count, count_end = counter.feed, counter.flush
+        pending = counter.pending if tokenizer.holds_back else None
     hub = Hub(
         source,
         count=count,
         count_end=count_end,
+        pending=pending,
         ids=config.ids,
         history=config.history,
         max_lag=config.lag_limit,
@@ -378,8 +432,11 @@ async def _serve_source(
     if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
         # For the leak tests only; not an option, not documented to users.
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _print_tasks)
+    notes = (
+        [f"running {source.name} (pid {source.pid})"] if isinstance(source, CommandSource) else []
+    )
     try:
-        yield session, create_app(session, ui=page), []
+        yield session, create_app(session, ui=page), notes
     finally:
         await hub.aclose()
 
@@ -392,29 +449,63 @@ def _print_tasks() -> None:
 async def _mock(
     config: MockConfig, tokenizer: Tokenizer, meter: Meter
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    """`serve --as`: a file (or recording) is read anew for each request; stdin, a pipe or
-    a FIFO once and kept; each request is paced on its own, by a new Pacer."""
-    recording = looks_like_recording(config.source)
+    """`serve --as`: a recording answers each request with the exchange it matches; a file
+    is read anew for each request; stdin, a pipe, a FIFO or a command once and kept; each
+    request is paced on its own, by a new Pacer."""
+    if not config.command and looks_like_recording(config.source):
+        async with _replay(config, tokenizer, meter) as served:
+            yield served
+        return
+    if config.provider == AS_RECORDED:
+        name = "stdin" if config.source in ("", "-") else config.source
+        raise ConfigError(f"--as recorded replays a recording; {name} is not one", "provider")
 
-    def open_source() -> TextSource | RecordingSource:
-        if recording:
-            return RecordingSource(config.source, as_text=True)
+    def open_source() -> TextSource | CommandSource:
+        if config.command:
+            return CommandSource(config.command, config.chunk)
         return TextSource(config.source, config.chunk)
 
-    _check_realtime(config.realtime, config.source, recording)
+    _check_realtime(config.realtime, " ".join(config.command) or config.source, False)
     async with contextlib.AsyncExitStack() as held:
         first = open_source()
         await held.enter_async_context(first)  # a missing file fails now, before listening
         text: SharedText | FileText
-        if recording or first.rereadable:
+        if first.rereadable:
             await held.aclose()  # it opens; each request opens its own
             text = FileText(open_source)
-        else:  # stdin, a pipe, a FIFO: read once and kept, closed at the end of the run
+        else:  # stdin, a pipe, a FIFO, a command: read once and kept, closed at the end
             text = SharedText(first)
             held.push_async_callback(text.aclose)
-        line_ends = config.chunk == "line" and not recording
+        line_ends = config.chunk == "line"
         async with _mock_text(config, tokenizer, meter, text, line_ends) as served:
             yield served
+
+
+@contextlib.asynccontextmanager
+async def _replay(
+    config: MockConfig, tokenizer: Tokenizer, meter: Meter
+) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
+    """`serve RECORDING --as`: each request answered by the recorded exchange it matches,
+    as recorded (`--as recorded`) or its text in the provider's format."""
+    recording = load_recording(config.source)
+    count = len(recording.exchanges)
+    exchanges = f"{count} recorded exchange{'' if count == 1 else 's'} of {config.source}"
+    if config.provider != AS_RECORDED:
+        answers = Cassette.of_answers(recording)
+        async with _mock_text(config, tokenizer, meter, answers, False) as (mock, app, notes):
+            yield mock, app, [*notes, f"answering with the text of {exchanges}"]
+        return
+    pacer = partial(Pacer, rate=config.rate, delay=config.delay, realtime=config.realtime)
+    player = Player(
+        Cassette(recording.exchanges),
+        meter,
+        tokenizer=tokenizer,
+        pacer=pacer if pacer().active else None,
+        heartbeat=config.heartbeat_s,
+        once=config.once,
+        access=config.access,
+    )
+    yield player, create_player_app(player), [f"replaying {exchanges} at {{url}}/"]
 
 
 @contextlib.asynccontextmanager
@@ -422,16 +513,17 @@ async def _mock_text(
     config: MockConfig,
     tokenizer: Tokenizer,
     meter: Meter,
-    text: SharedText | FileText,
+    text: SharedText | FileText | Cassette,
     line_ends: bool,
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    """The mock over `text`; with `line_ends`, each chunk is a line given back its `\\n`."""
+    """The mock over `text` (or a cassette's recorded answers); with `line_ends`, each chunk
+    is a line given back its `\\n`."""
     pacer = partial(Pacer, rate=config.rate, delay=config.delay, realtime=config.realtime)
     mock = Mock(
         config.provider,
         text,
         meter,
-        tokenizer=tokenizer,
+        tokenizer=config.tokenizer,
         line_ends=line_ends,
         pacer=pacer if pacer().active else None,
         heartbeat=config.heartbeat_s,
@@ -464,15 +556,13 @@ async def _proxy(
     notes = [f"proxying to {upstream.display}"]
     try:
         if config.record is not None:
-            try:
-                recorder = Recorder(config.record, redactor=redactor)
-            except OSError as exc:
-                raise OutputError(f"cannot write {config.record}: {exc.strerror or exc}") from None
-            notes.append(f"recording the first request to {config.record}")
+            recorder = Recorder(config.record, redactor=redactor, mode=config.record_mode)
+            held = f", after the {recorder.held} it holds" if recorder.held else ""
+            notes.append(f"recording every exchange to {config.record}{held}")
         proxy = Proxy(
             upstream,
             meter,
-            tokenizer=tokenizer,
+            tokenizer=config.tokenizer,
             payload=config.payload,
             keep_comments=config.keep_comments,
             include_usage=config.include_usage,
@@ -489,3 +579,4 @@ async def _proxy(
             recorder.close()
             if recorder.error is not None:
                 warnings.append(recorder.error)
+            warnings += [f"not recorded: {why}" for why in recorder.unrecorded]

@@ -18,11 +18,12 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from sserelay.errors import ClientDisconnected, Interrupted, SourceError
-from sserelay.http.access import Access, Refusal
+from sserelay.errors import BudgetExhausted, ClientDisconnected, Interrupted, SourceError
+from sserelay.http.access import Access, Keys, Refusal
 from sserelay.http.asgi import ASGISink, abort_of, header, healthz, query_value, send_response
 from sserelay.http.endpoint import SHUTDOWN_GRACE, Endpoint, Outcome, request_id_header
 from sserelay.metering.bill import ClientBill
+from sserelay.metering.keys import Key
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
 from sserelay.streaming.hub import Hub, Listener
@@ -47,8 +48,9 @@ class StreamSession(Endpoint):
         heartbeat: float | None,
         keep: bool = False,
         access: Access | None = None,
+        keys: Keys | None = None,
     ) -> None:
-        super().__init__(meter, access=access)
+        super().__init__(meter, access=access, keys=keys)
         self.hub = hub
         self.heartbeat = heartbeat
         self.keep = keep
@@ -66,9 +68,11 @@ class StreamSession(Endpoint):
             headers = self.access.preflight_headers("GET")
             await send_response(send, 204, b"", b"text/plain", headers)
             return
-        refusal = self._refusal(scope)
+        key, refusal = self._refusal(scope)
+        if refusal is None and key is not None:
+            refusal = self.admit(key, None)
         if refusal is not None:
-            await self.refuse(send, refusal, None)
+            await self.refuse(scope, send, refusal, None, key=key)
             return
         last_event_id = header(scope, b"last-event-id") or query_value(scope, "last_event_id")
         if self.hub.has_everything(last_event_id):
@@ -82,12 +86,13 @@ class StreamSession(Endpoint):
             scope,
             lambda client: self._serve(scope, receive, send, client, last_event_id),
             unforeseen=(Reason.INPUT_ERROR, "the stream failed unexpectedly"),
+            key=key,
         )
 
-    def _refusal(self, scope: Scope) -> Refusal | None:
+    def _refusal(self, scope: Scope) -> tuple[Key | None, Refusal | None]:
         if self.finished.is_set() and not self.stopping:
-            return Refusal(503, None, "the stream is over")
-        return self.refusal(scope)
+            return None, Refusal(503, None, "the stream is over")
+        return self.identify(scope)
 
     async def _serve(
         self,
@@ -123,6 +128,7 @@ class StreamSession(Endpoint):
                 heartbeat=self.heartbeat,
                 headers=[*self._headers, request_id_header(client)],
                 stop=self.stop,
+                gate=self.gate(client, self.budget_event(client, None)),
             )
         except ClientDisconnected:
             return (Reason.SLOW_CLIENT if listener.cut else Reason.CLIENT_DISCONNECTED), None
@@ -132,6 +138,9 @@ class StreamSession(Endpoint):
         except Interrupted:
             await _end_now(sink, abort)
             return Reason.INTERRUPTED, None
+        except BudgetExhausted:
+            await sink.end()
+            return Reason.BUDGET_EXHAUSTED, None
         if listener.cut:
             return Reason.SLOW_CLIENT, None
         await sink.end()

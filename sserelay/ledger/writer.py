@@ -124,7 +124,7 @@ class LedgerWriter(MeterObserver):
                 self._warn(str(exc))
 
     def _changed(self, client: ClientMeter) -> bool:
-        figures = (client.tokens, client.events, client.bytes)
+        figures = (client.billed_tokens, client.events, client.bytes)
         if self._seen.get(client.id) == figures:
             return False
         self._seen[client.id] = figures
@@ -160,7 +160,7 @@ class LedgerWriter(MeterObserver):
             path=request.path if request is not None else "/",
             model=client.model,
             status=request.status if request is not None else 200,
-            tokens=client.tokens,
+            tokens=client.billed_tokens,
             events=client.events,
             bytes=client.bytes,
             tokenizer=self._tokenizer,

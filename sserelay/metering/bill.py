@@ -50,6 +50,9 @@ class ClientBill:
     started_wall: float = 0.0
     #: The id of the last event it was sent, where events have ids.
     last_event_id: str | None = None
+    #: The tokenizer that counted it and whether the count is an estimate, where the
+    #: request had its own (`--tokenizer auto`).
+    tokenizer: tuple[str, bool] | None = None
 
     @property
     def partial(self) -> bool:
@@ -59,6 +62,25 @@ class ClientBill:
     @property
     def model(self) -> str | None:
         return None if self.request is None else self.request.model
+
+    @property
+    def usage_source(self) -> str:
+        """`reported` when the upstream said what it billed (the cost is from that), else
+        `metered` (sserelay's own count)."""
+        return (
+            "reported"
+            if self.upstream_usage is not None and self.upstream_usage.reported
+            else "metered"
+        )
+
+    @property
+    def apart(self) -> float | None:
+        """How far the metered tokens are from the output tokens the upstream reported
+        (0.12: 12%), where both are known; a gap past 10% is worth a look."""
+        usage = self.upstream_usage
+        if usage is None or not usage.output_tokens:
+            return None
+        return abs(self.tokens - usage.output_tokens) / usage.output_tokens
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -74,6 +96,8 @@ class ClientBill:
         }
         if self.key is not None:
             out["key"] = self.key
+        if self.tokenizer is not None:
+            out["tokenizer"], out["estimate"] = self.tokenizer
         if self.request is not None:
             out.update(
                 method=self.request.method,
@@ -85,6 +109,7 @@ class ClientBill:
                 else self.upstream_usage.to_dict(),
                 partial=self.partial,
                 cost=self.cost,
+                usage_source=self.usage_source,
             )
         return out
 
@@ -126,6 +151,8 @@ class Bill:
     client_count: int = 0
     #: Requests whose model has no price (their cost is null, not 0).
     unpriced: int = 0
+    #: Requests whose upstream reported their usage.
+    reported_requests: int = 0
     #: Sums per model and per key: requests, tokens, events, bytes, cost.
     by_model: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     by_key: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
@@ -133,6 +160,16 @@ class Bill:
     @property
     def tokens_per_s(self) -> float:
         return round(self.tokens / self.duration_s, 3) if self.duration_s > 0 else 0.0
+
+    @property
+    def usage_source(self) -> str:
+        """`reported` when every request's usage was reported by its upstream (the totals'
+        costs are from those reports), else `metered`."""
+        return (
+            "reported"
+            if self.reported_requests and self.reported_requests == self.client_count
+            else "metered"
+        )
 
     @property
     def rows_omitted(self) -> int:
@@ -150,6 +187,7 @@ class Bill:
             "time_to_first_event_s": self.time_to_first_event_s,
             "tokens_per_s": self.tokens_per_s,
             "tokenizer": self.tokenizer,
+            "usage_source": self.usage_source,
             "price_per_million": self.price_per_million,
             "cost": self.cost,
             "invalid_utf8_bytes": self.invalid_utf8_bytes,

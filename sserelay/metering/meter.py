@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from sserelay.metering.bill import Bill, ClientBill, RequestFacts, Totals
+from sserelay.metering.budget import Allowance
 from sserelay.metering.pricing import Pricing
 from sserelay.metering.reason import REASONS, Reason
 from sserelay.metering.usage import Usage, sum_usage
@@ -64,6 +65,7 @@ class ClientMeter:
     __slots__ = (
         "_clock",
         "_on_write",
+        "allowance",
         "bytes",
         "closed_at",
         "error",
@@ -78,6 +80,8 @@ class ClientMeter:
         "request",
         "request_id",
         "started_wall",
+        "tail",
+        "tokenizer",
         "tokens",
         "upstream_usage",
     )
@@ -95,6 +99,8 @@ class ClientMeter:
         self.id = client_id
         self.peer = peer
         self.tokens = 0
+        #: Tokens a BPE count holds back after the last write (billed if it ends there).
+        self.tail = 0
         self.events = 0
         self.bytes = 0
         self.reason: Reason | None = None
@@ -110,18 +116,26 @@ class ClientMeter:
         self.request_id = ""
         #: The name of the key the client presented (None: no keys in use).
         self.key: str | None = None
+        #: The budget its stream takes from, where its key has one.
+        self.allowance: Allowance | None = None
         #: When it started, as a time of day (Unix seconds): the ledger's `started_at`.
         self.started_wall = 0.0
         #: The id of the last event it was sent, where events have ids.
         self.last_event_id: str | None = None
+        #: The tokenizer that counted it, where it is the request's own (`--tokenizer
+        #: auto`), and whether that count is an estimate (a model whose vendor's tokenizer
+        #: is not public).
+        self.tokenizer: tuple[str, bool] | None = None
 
-    def record(self, events: int, tokens: int, nbytes: int) -> None:
-        """Count a write that the client's connection has accepted."""
+    def record(self, events: int, tokens: int, nbytes: int, pending: int = 0) -> None:
+        """Count a write that the client's connection has accepted. `pending` is what the
+        count holds back after it (see Frames.pending): it replaces the last write's."""
         if self.first_event_at is None and events:
             self.first_event_at = self._clock()
         self.events += events
         self.tokens += tokens
         self.bytes += nbytes
+        self.tail = pending
         if self._on_write:
             for notify in self._on_write:
                 notify(self, events, tokens, nbytes)
@@ -141,6 +155,11 @@ class ClientMeter:
         return self.reason is None
 
     @property
+    def billed_tokens(self) -> int:
+        """The tokens of the text written so far: counted, and held back by the count."""
+        return self.tokens + self.tail
+
+    @property
     def model(self) -> str | None:
         return None if self.request is None else self.request.model
 
@@ -155,11 +174,12 @@ class ClientMeter:
 
     def bill(self, now: float, pricing: Pricing | None = None) -> ClientBill:
         end = self.closed_at if self.closed_at is not None else now
-        cost = (pricing or Pricing()).cost(self.tokens, self.upstream_usage, self.model)
+        tokens = self.billed_tokens
+        cost = (pricing or Pricing()).cost(tokens, self.upstream_usage, self.model)
         return ClientBill(
             id=self.id,
             peer=self.peer,
-            tokens=self.tokens,
+            tokens=tokens,
             events=self.events,
             bytes=self.bytes,
             reason=self.reason or Reason.INTERRUPTED,
@@ -175,6 +195,7 @@ class ClientMeter:
             error=self.error,
             request_id=self.request_id,
             key=self.key,
+            tokenizer=self.tokenizer,
             started_wall=self.started_wall,
             last_event_id=self.last_event_id,
         )
@@ -193,7 +214,16 @@ OTHER = "other"
 class Summary:
     """Running sums over the clients that have ended (and a group's share of them)."""
 
-    __slots__ = ("bytes", "clients", "cost", "events", "first_event_s", "tokens", "unpriced")
+    __slots__ = (
+        "bytes",
+        "clients",
+        "cost",
+        "events",
+        "first_event_s",
+        "reported",
+        "tokens",
+        "unpriced",
+    )
 
     def __init__(self, priced: bool = False) -> None:
         self.clients = 0
@@ -204,6 +234,7 @@ class Summary:
         #: until something is priced: an unpriced run's cost is unknown, not 0.
         self.cost: float | None = 0.0 if priced else None
         self.unpriced = 0
+        self.reported = 0
         self.first_event_s: float | None = None
 
     def add(self, bill: ClientBill) -> None:
@@ -215,6 +246,8 @@ class Summary:
             self.cost = round((self.cost or 0.0) + bill.cost, 10)
         elif bill.request is not None:
             self.unpriced += 1
+        if bill.usage_source == "reported":
+            self.reported += 1
         first = bill.time_to_first_event_s
         if first is not None and (self.first_event_s is None or first < self.first_event_s):
             self.first_event_s = first
@@ -333,8 +366,10 @@ class Meter:
 
     def totals(self) -> Totals:
         open_clients = self._open.values()
-        tokens = self.ended.tokens + sum(c.tokens for c in open_clients)
-        costs = [self.pricing.cost(c.tokens, c.upstream_usage, c.model) for c in open_clients]
+        tokens = self.ended.tokens + sum(c.billed_tokens for c in open_clients)
+        costs = [
+            self.pricing.cost(c.billed_tokens, c.upstream_usage, c.model) for c in open_clients
+        ]
         cost = self.ended.cost
         if any(c is not None for c in costs):
             cost = round((cost or 0.0) + sum(c for c in costs if c is not None), 10)
@@ -371,6 +406,7 @@ class Meter:
             upstream_usage=self.upstream_usage,
             client_count=ended.clients,
             unpriced=ended.unpriced,
+            reported_requests=ended.reported,
             by_model={name: group.to_dict() for name, group in self.by_model.items()},
             by_key={name: group.to_dict() for name, group in self.by_key.items()},
         )

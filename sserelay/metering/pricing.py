@@ -7,6 +7,7 @@ The file maps a model name to its input and output price, in currency per 1M tok
 
     ["gpt-4o-mini"]
     input = 0.15
+    cached_input = 0.075   # optional: input read from the provider's prompt cache
     output = 0.60
 
     [claude-sonnet-4-5]
@@ -34,10 +35,12 @@ class PriceListError(ConfigError):
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """Currency per 1M tokens, for the prompt (input) and the answer (output)."""
+    """Currency per 1M tokens, for the prompt (input), the answer (output), and input read
+    from the provider's prompt cache (`cached_input`; None: billed as input)."""
 
     input: float
     output: float
+    cached_input: float | None = None
 
 
 class PriceList:
@@ -58,18 +61,22 @@ class PriceList:
                 raise PriceListError(
                     f"[{model}] must be a table with input and output prices per 1M tokens"
                 )
-            values: list[float] = []
-            for side in ("input", "output"):
+            values: dict[str, float] = {}
+            for side in ("input", "output", "cached_input"):
+                if side not in entry and side == "cached_input":
+                    continue
                 value = entry.get(side, 0.0)
                 if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                     raise PriceListError(f"[{model}] {side} must be a number >= 0")
                 if not math.isfinite(value):
                     raise PriceListError(f"[{model}] {side} must be a finite number")
-                values.append(float(value))
-            unknown = set(entry) - {"input", "output"}
+                values[side] = float(value)
+            unknown = set(entry) - {"input", "output", "cached_input"}
             if unknown:
                 raise PriceListError(f"[{model}] has unknown keys: {', '.join(sorted(unknown))}")
-            prices[model] = ModelPrice(values[0], values[1])
+            prices[model] = ModelPrice(
+                values["input"], values["output"], values.get("cached_input")
+            )
         return cls(prices)
 
     def for_model(self, model: str | None) -> ModelPrice | None:
@@ -103,14 +110,38 @@ class Pricing:
     def cost(
         self, tokens: int, usage: Usage | None = None, model: str | None = None
     ) -> float | None:
-        """One request's cost. With its model's price: the reported input tokens at the input
-        price plus the metered tokens at the output price. Otherwise the metered tokens at the
-        flat price (None without one)."""
+        """One request's cost. With its model's price and a usage the upstream reported: its
+        input at the input price (cached input at `cached_input`, where both are known) plus
+        its output at the output price. With the model's price and no report: the metered
+        tokens at the output price (the input is unknown). Without the model's price: the
+        metered tokens at the flat price, or None (unpriced, never 0)."""
         price = self.model_price(model)
         if price is None:
             return cost_of(tokens, self.per_million)
-        prompt = (usage.input_tokens if usage is not None else None) or 0
-        return round((prompt * price.input + tokens * price.output) / 1_000_000, 10)
+        if usage is None or not usage.reported:
+            return round(tokens * price.output / 1_000_000, 10)
+        uncached, cached = usage.input_split()
+        cached_price = price.input if price.cached_input is None else price.cached_input
+        output = tokens if usage.output_tokens is None else usage.output_tokens
+        total = uncached * price.input + cached * cached_price + output * price.output
+        return round(total / 1_000_000, 10)
+
+    def input_cost(self, usage: Usage | None, model: str | None) -> float:
+        """What a request's reported input cost (0 where unknown or unpriced): a cost
+        budget charges it when the upstream reports it."""
+        price = self.model_price(model)
+        if price is None or usage is None or usage.input_tokens is None:
+            return 0.0
+        uncached, cached = usage.input_split()
+        cached_price = price.input if price.cached_input is None else price.cached_input
+        return (uncached * price.input + cached * cached_price) / 1_000_000
+
+    def output_price(self, model: str | None) -> float:
+        """The cost of one output token of `model` (0 where unpriced)."""
+        price = self.model_price(model)
+        if price is not None:
+            return price.output / 1_000_000
+        return (self.per_million or 0.0) / 1_000_000
 
     def total(
         self, tokens: int, requests: Iterable[tuple[float | None, str | None]]

@@ -82,6 +82,9 @@ class Tokenizer:
     description: str
     count: Callable[[str], int]
     counter: Callable[[], TokenCounter]
+    #: Whether its counter holds tokens back (`pending()` can be more than 0): a BPE
+    #: count does, a word or character count never does (and is not asked).
+    holds_back: bool = False
 
 
 def _count_chars(text: str) -> int:
@@ -115,7 +118,34 @@ def get_tokenizer(name: str) -> Tokenizer:
 
 
 def tokenizer_names() -> list[str]:
-    return sorted({*_REGISTRY, *_FACTORIES})
+    """Every name `--tokenizer` takes, `auto` included."""
+    return sorted({*_REGISTRY, *_FACTORIES, AUTO})
+
+
+#: `--tokenizer auto`: the encoding of each request's model (see tokenizer_for).
+AUTO = "auto"
+
+
+def tokenizer_for(
+    name: str, model: str | None = None, *, load: bool = True
+) -> tuple[Tokenizer, bool]:
+    """The tokenizer that counts a request for `model` under `--tokenizer NAME`, and
+    whether its count is an estimate. A named tokenizer counts every request. `auto` picks
+    OpenAI's encoding of the model (o200k_base for gpt-4o, gpt-4.1, gpt-5, o1-o4;
+    cl100k_base for gpt-4, gpt-3.5) and o200k_base, as an estimate, for any other model
+    (Claude, Llama, Gemini: their vendors' tokenizers are not public).
+
+    With `load` false, a tokenizer not loaded yet is a LookupError instead of a load (which
+    takes a second: the caller then loads it off the event loop)."""
+    if name == AUTO:
+        from sserelay.metering.bpe import encoding_for_model
+
+        name, estimate = encoding_for_model(model)
+    else:
+        estimate = False
+    if not load and name not in _REGISTRY:
+        raise LookupError(f"tokenizer {name!r} is not loaded yet")
+    return get_tokenizer(name), estimate
 
 
 def _bpe_tokenizer(name: str, description: str) -> Callable[[], Tokenizer]:
@@ -125,7 +155,11 @@ def _bpe_tokenizer(name: str, description: str) -> Callable[[], Tokenizer]:
 
         encoding = load_encoding(name)
         return Tokenizer(
-            name, f"{description} ({encoding.backend})", encoding.count, encoding.counter
+            name,
+            f"{description} ({encoding.backend})",
+            encoding.count,
+            encoding.counter,
+            holds_back=True,
         )
 
     return make

@@ -108,3 +108,22 @@ def error_detail(body: str) -> str:
                 break
     line = " ".join(text.split())
     return line if len(line) <= 160 else line[:157] + "..."
+
+
+def stream_error_event(api: str | None, message: str, code: str, *, sse: bool = True) -> bytes:
+    """The last event of a stream that sserelay cuts (a spent budget), in the streaming shape
+    of `api` so that its SDK raises an error that says why: OpenAI and Gemini a `data:`
+    error object (`code` in it), the Responses API and Anthropic an `event: error`, Ollama's
+    NDJSON an error line; the bare stream (`api` None) an `event: error` with the text."""
+    if not sse:
+        if api == "ollama":
+            return (json.dumps({"error": message}) + "\n").encode()
+        return f"sserelay: {message}\n".encode()
+    if api is None:
+        return f"event: error\ndata: sserelay: {message}\n\n".encode()
+    if api == "anthropic":
+        body = {"type": "error", "error": {"type": code, "message": message}}
+        return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
+    body = error_body(api, message, code, status=429, code=code)
+    event = "event: error\n" if api == "openai-responses" else ""
+    return f"{event}data: {json.dumps(body)}\n\n".encode()

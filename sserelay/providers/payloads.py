@@ -55,7 +55,6 @@ class Delta:
 
 
 _NOTHING = Delta()
-_NO_USAGE = Usage()
 _NOT_JSON = object()
 
 
@@ -83,16 +82,72 @@ def _count(value: object) -> int | None:
     return None
 
 
-def _usage(report: object, input_key: str, output_key: str, total_key: str = "") -> Usage | None:
-    """The counts under these keys of `report`; None when it reports none (JSON null included)."""
+def _usage(
+    report: object,
+    input_key: str,
+    output_key: str,
+    total_key: str = "",
+    *,
+    cached: tuple[str, ...] = (),
+    creation: str = "",
+    reasoning: tuple[str, ...] = (),
+    excludes_cache: bool = False,
+) -> Usage | None:
+    """The counts under these keys of `report` (`cached` and `reasoning` are paths into
+    nested objects); None when it reports none (JSON null included)."""
     if not isinstance(report, dict):
         return None
     usage = Usage(
         _count(report.get(input_key)),
         _count(report.get(output_key)),
         _count(report.get(total_key)) if total_key else None,
+        _count(_at(report, cached)),
+        _count(report.get(creation)) if creation else None,
+        _count(_at(report, reasoning)),
+        excludes_cache,
     )
-    return None if usage == _NO_USAGE else usage
+    return None if usage.empty else usage
+
+
+def _at(report: dict[str, Any], path: tuple[str, ...]) -> object:
+    """The value at `path` in nested objects, or None."""
+    value: object = report if path else None
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _openai_usage(report: object) -> Usage | None:
+    return _usage(
+        report,
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        cached=("prompt_tokens_details", "cached_tokens"),
+        reasoning=("completion_tokens_details", "reasoning_tokens"),
+    )
+
+
+def _responses_usage(report: object) -> Usage | None:
+    return _usage(
+        report,
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        cached=("input_tokens_details", "cached_tokens"),
+        reasoning=("output_tokens_details", "reasoning_tokens"),
+    )
+
+
+def _anthropic_usage(report: object) -> Usage | None:
+    return _usage(
+        report,
+        "input_tokens",
+        "output_tokens",
+        cached=("cache_read_input_tokens",),
+        creation="cache_creation_input_tokens",
+        excludes_cache=True,
+    )
 
 
 def _str(value: object) -> str:
@@ -133,7 +188,7 @@ def _openai(obj: dict[str, Any], event: str | None) -> Delta:
             parts.append(_str(choice.get("text")))  # legacy Completions: `text_completion`
     # With stream_options.include_usage every chunk has `usage: null` except the last one,
     # whose `choices` is empty.
-    usage = _usage(obj.get("usage"), "prompt_tokens", "completion_tokens", "total_tokens")
+    usage = _openai_usage(obj.get("usage"))
     return Delta("".join(parts), usage, _model(obj.get("model")))
 
 
@@ -151,7 +206,7 @@ def _responses(obj: dict[str, Any], event: str | None) -> Delta:
     response = obj.get("response")
     if not isinstance(response, dict):
         return _NOTHING
-    usage = _usage(response.get("usage"), "input_tokens", "output_tokens", "total_tokens")
+    usage = _responses_usage(response.get("usage"))
     return Delta("", usage, _model(response.get("model")), kind in _RESPONSES_END)
 
 
@@ -167,13 +222,13 @@ def _anthropic(obj: dict[str, Any], event: str | None) -> Delta:
         return _NOTHING
     if kind == "message_delta":
         # Cumulative counts: output_tokens always, input_tokens only from some relays.
-        return Delta(usage=_usage(obj.get("usage"), "input_tokens", "output_tokens"))
+        return Delta(usage=_anthropic_usage(obj.get("usage")))
     if kind == "message_start":
         message = obj.get("message")
         if not isinstance(message, dict):
             return _NOTHING
         # output_tokens here is a placeholder (1 or so) that the message_delta supersedes.
-        usage = _usage(message.get("usage"), "input_tokens", "output_tokens")
+        usage = _anthropic_usage(message.get("usage"))
         return Delta("", usage, _model(message.get("model")))
     if kind == "content_block_start":
         block = obj.get("content_block")
@@ -208,7 +263,12 @@ def _gemini(obj: dict[str, Any], event: str | None) -> Delta:
     # usageMetadata rides on every chunk as running totals; candidatesTokenCount excludes
     # thoughtsTokenCount, totalTokenCount includes it.
     usage = _usage(
-        obj.get("usageMetadata"), "promptTokenCount", "candidatesTokenCount", "totalTokenCount"
+        obj.get("usageMetadata"),
+        "promptTokenCount",
+        "candidatesTokenCount",
+        "totalTokenCount",
+        cached=("cachedContentTokenCount",),
+        reasoning=("thoughtsTokenCount",),
     )
     # No end marker: the chunk whose candidates all carry a finishReason is the last.
     done = bool(candidates) and all(isinstance(c.get("finishReason"), str) for c in candidates)
@@ -303,8 +363,8 @@ class PayloadMeter:
 
     kind='auto' detects on the first payload that identifies a format and sticks to it:
     a provider's JSON shape, or plain text (then 'raw'). Until then, `[DONE]` and blank data
-    decide nothing, and JSON of no known shape (an error object, say) is metered as raw text
-    without deciding. In auto mode `[DONE]` is always the end, with no text, even once the
+    decide nothing, and a JSON object of no known shape (an error, a model list) carries no
+    text and decides nothing. In auto mode `[DONE]` is always the end, with no text, even once the
     stream turned out 'raw'.
 
     `usage` is the upstream's report so far, merged by `Usage.merged`; None if it never
@@ -345,8 +405,12 @@ class PayloadMeter:
             self.kind = "raw"
             return Delta(text=data)
         found = _detect(obj, event)
-        if found == "raw" or not isinstance(obj, dict):
+        if not isinstance(obj, dict):
             return Delta(text=data)
+        if found == "raw":
+            # A JSON object of no provider's shape (an error, a model list, a tool's own
+            # status) carries no model text: relayed, not metered, and it decides nothing.
+            return _NOTHING
         self.kind = found
         return _PARSERS[found](obj, event)
 
@@ -366,19 +430,16 @@ def whole_answer(answer: dict[str, Any]) -> Delta | None:
     messages = [c["message"] for c in choices if isinstance(c.get("message"), dict)]
     if messages:
         text = "".join(_str(message.get("content")) for message in messages)
-        usage = _usage(answer.get("usage"), "prompt_tokens", "completion_tokens", "total_tokens")
-        return Delta(text, usage, model)
+        return Delta(text, _openai_usage(answer.get("usage")), model)
     if answer.get("object") == "response":
         parts: list[str] = []
         for output in _dicts(answer.get("output")):
             if output.get("type") == "message":
                 parts += _texts(output.get("content"), "output_text")
-        usage = _usage(answer.get("usage"), "input_tokens", "output_tokens", "total_tokens")
-        return Delta("".join(parts), usage, model)
+        return Delta("".join(parts), _responses_usage(answer.get("usage")), model)
     if answer.get("type") == "message" and isinstance(answer.get("content"), list):
         text = "".join(_texts(answer.get("content"), "text"))
-        usage = _usage(answer.get("usage"), "input_tokens", "output_tokens", "total_tokens")
-        return Delta(text, usage, model)
+        return Delta(text, _anthropic_usage(answer.get("usage")), model)
     return None
 
 

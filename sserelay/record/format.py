@@ -1,43 +1,129 @@
-"""Recordings: an answer as its client got it, with the time of each write, as JSON Lines: pure.
+"""Recordings (cassettes): every exchange of a proxy run, with the time of each write, as
+JSON Lines: pure.
 
-`sserelay proxy --record FILE` writes one; `sserelay serve FILE` replays it. The
-first line is the header; every later line is one part of the answer, `t`
-seconds after the request arrived:
+`sserelay proxy --record FILE` writes one; `sserelay serve FILE` replays it. The first
+line says the format's version; every later line belongs to one exchange (a request and
+its answer), named by its number. Requests overlap, so exchanges interleave: each part is
+written the moment its client has it (a crash loses nothing already relayed), rather
+than each exchange whole at its end.
 
-    {"sserelay_recording": 1, "method": "POST", "path": "/v1/chat/completions",
-     "status": 200, "content_type": "text/event-stream"}
-    {"t": 0.2031, "event": null, "id": null, "retry": null, "data": "{\\"id\\":...}"}
-    {"t": 0.2519, "event": null, "id": null, "retry": null, "data": "[DONE]"}
+    {"sserelay_recording": 2}
+    {"exchange": 1, "t": 0.18, "method": "POST", "path": "/v1/chat/completions",
+     "body_sha256": "5f0c...", "status": 200, "headers": [["content-type", "text/event-stream"]]}
+    {"exchange": 1, "t": 0.2031, "event": null, "id": null, "retry": null, "data": "{...}"}
+    {"exchange": 2, "t": 0.01, "method": "GET", "path": "/v1/models", ...}
+    {"exchange": 2, "t": 0.012, "chunk": "{\\"object\\": \\"list\\", ...}"}
+    {"exchange": 2, "t": 0.013, "end": "complete"}
+    {"exchange": 1, "t": 0.2519, "event": null, "id": null, "retry": null, "data": "[DONE]"}
+    {"exchange": 1, "t": 0.2522, "end": "complete"}
 
-- An SSE answer has one line per event, as written: `data` (lines joined by
-  `\\n`; null for a block with no data, e.g. only an `id`), `event`, `id`,
-  `retry`, and `comments` (the `:` lines before it) when comments were kept.
-  `Block.wire()` gives back the exact bytes.
-- Any other body has one line per write: `{"t": ..., "chunk": TEXT}`, or
-  `chunk_base64` when the bytes are not UTF-8 text on their own.
+- The opening line of an exchange is written when the answer's status and headers are in:
+  the request's method, its path (never the query: keys travel there), `body_sha256`
+  (body_sha256(): the SHA-256, hex, of the request body, canonical if it is JSON), the
+  status, and the response headers worth replaying (kept_headers()). Exchanges are
+  numbered from 1 in the order their answers began.
+- A part is one SSE event (`data`, lines joined by `\\n`, null for a block with no data;
+  `event`, `id`, `retry`, and `comments` when comments were kept; `Block.wire()` gives
+  back the exact bytes) or one write of another body (`chunk`, or `chunk_base64` when the
+  bytes are not UTF-8 text on their own).
+- The end line says how the answer ended for its client: `complete` (all of it was
+  relayed) or `cut` (the client left, the upstream failed, the run stopped). An exchange
+  without one was cut by a crash, or is still being recorded.
+- `t` is seconds since the exchange's request arrived.
 
-`sserelay_recording` is the format's version; a reader refuses one it does not know.
+Version 1 (one exchange per file, before cassettes) is still read: its header line
+`{"sserelay_recording": 1, "method": ..., "path": ..., "status": ..., "content_type": ...}`
+is followed by that exchange's parts, without exchange numbers. `sserelay_recording` is
+the format's version; a reader refuses one it does not know.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sserelay.errors import RecordingError
 from sserelay.wire.sse import BlockParser, Event, encode_event
 
-#: The version this module writes and reads.
-VERSION = 1
+#: The version this module writes.
+VERSION = 2
+#: The versions it reads.
+READABLE_VERSIONS = (1, 2)
+#: How an exchange ended for its client (its end line).
+ENDS = ("complete", "cut")
+#: `serve RECORDING --as recorded`: replay a recording's exchanges as they were recorded.
+AS_RECORDED = "recorded"
+
+#: Response headers never recorded nor replayed: the transport's own (the replaying server
+#: frames the body and dates it itself) and those that carry credentials or a session.
+UNRECORDED_HEADERS = frozenset(
+    {
+        "authorization",
+        "connection",
+        "content-length",
+        "cookie",
+        "date",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "server",
+        "set-cookie",
+        "set-cookie2",
+        "transfer-encoding",
+        "www-authenticate",
+    }
+)
+#: The largest body hashed as canonical JSON: parsing holds the event loop (about 10 ms a
+#: MiB), and every stream waits meanwhile. A bigger body (images) is hashed raw.
+CANONICAL_LIMIT = 4 * 1024 * 1024
+# RFC 9110 §5.1: a field name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def body_sha256(body: bytes) -> str:
+    """The SHA-256 (hex) a recording names a request body by. A body that parses as JSON is
+    hashed canonical (keys sorted, no whitespace, non-ASCII as \\u escapes), so the same
+    request sent by another client or SDK version, keys in another order, matches; any
+    other body (empty, form data, not UTF-8), or one over CANONICAL_LIMIT bytes, is hashed
+    as its raw bytes."""
+    if len(body) > CANONICAL_LIMIT:
+        return hashlib.sha256(body).hexdigest()
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return hashlib.sha256(body).hexdigest()
+    try:
+        canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    except (ValueError, RecursionError):  # nested too deep to write back
+        return hashlib.sha256(body).hexdigest()
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def kept_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The response headers worth recording and replaying: all but UNRECORDED_HEADERS,
+    names lower-cased, order and repeats kept."""
+    return tuple(
+        (name.lower(), value) for name, value in headers if name.lower() not in UNRECORDED_HEADERS
+    )
+
+
+def media_type(value: str) -> str:
+    """A content type's media type, lower-cased, without parameters (`text/event-stream`)."""
+    return value.partition(";")[0].strip().lower()
 
 
 @dataclass(frozen=True, slots=True)
 class Header:
-    """The recording's first line: what was asked, and what kind of answer came."""
+    """A version 1 recording's first line: what was asked, and what kind of answer came.
+    Still read (as one exchange); written only to make version 1 files (tests)."""
 
     method: str
     path: str
@@ -51,7 +137,7 @@ class Header:
     def line(self) -> str:
         return _line(
             {
-                "sserelay_recording": VERSION,
+                "sserelay_recording": 1,
                 "method": self.method,
                 "path": self.path,
                 "status": self.status,
@@ -89,8 +175,10 @@ class Block:
             fields += f"retry: {self.retry}\n"
         return head + fields.encode() + b"\n"
 
-    def line(self) -> str:
-        record: dict[str, Any] = {
+    def line(self, exchange: int | None = None) -> str:
+        """The block's line, in `exchange` (None: a version 1 line, with no number)."""
+        record: dict[str, Any] = _numbered(exchange)
+        record |= {
             "t": round(self.t, 6),
             "event": self.event,
             "id": self.id,
@@ -112,21 +200,112 @@ class Chunk:
     def wire(self) -> bytes:
         return self.body
 
-    def line(self) -> str:
-        t = round(self.t, 6)
+    def line(self, exchange: int | None = None) -> str:
+        """The write's line, in `exchange` (None: a version 1 line, with no number)."""
+        record = _numbered(exchange)
+        record["t"] = round(self.t, 6)
         try:
-            return _line({"t": t, "chunk": self.body.decode()})
+            record["chunk"] = self.body.decode()
         except UnicodeDecodeError:  # e.g. a character cut in two by the read
-            return _line({"t": t, "chunk_base64": base64.b64encode(self.body).decode()})
+            record["chunk_base64"] = base64.b64encode(self.body).decode()
+        return _line(record)
 
 
 Part = Block | Chunk
 
 
 @dataclass(frozen=True, slots=True)
+class Exchange:
+    """One recorded request and its answer. `t` is when the answer's status and headers
+    came (seconds after the request arrived); `end` how it ended for its client (ENDS), None
+    if the recording does not say (a crash cut it short)."""
+
+    number: int
+    method: str
+    path: str
+    #: body_sha256() of the request body; None if not recorded (a version 1 recording)
+    body_sha256: str | None
+    status: int
+    #: (name, value) pairs, names lower case
+    headers: tuple[tuple[str, str], ...]
+    t: float = 0.0
+    parts: tuple[Part, ...] = ()
+    end: str | None = None
+    #: when the answer ended (seconds after the request arrived), with `end`
+    ended_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.number, bool) or not isinstance(self.number, int) or self.number < 1:
+            raise ValueError(f"the exchange number must be a whole number from 1: {self.number!r}")
+        if not _TOKEN.fullmatch(self.method):
+            raise ValueError(f"not a request method: {self.method!r}")
+        if self.body_sha256 is not None and not _SHA256.fullmatch(self.body_sha256):
+            raise ValueError("'body_sha256' must be 64 lower-case hex digits")
+        if isinstance(self.status, bool) or not isinstance(self.status, int):
+            raise ValueError(f"not an HTTP status: {self.status!r}")
+        if not 100 <= self.status <= 999:  # RFC 9110 §15: three digits
+            raise ValueError(f"not an HTTP status: {self.status!r}")
+        for name, value in self.headers:
+            # Replayed as they are: a line end would inject a header.
+            if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\0"):
+                raise ValueError(f"not a response header: {name!r}")
+        if self.end is not None and self.end not in ENDS:
+            raise ValueError(f"'end' must be one of {', '.join(ENDS)}: {self.end!r}")
+
+    @property
+    def content_type(self) -> str:
+        """The answer's media type (`text/event-stream`), '' if it had none."""
+        for name, value in self.headers:
+            if name == "content-type":
+                return media_type(value)
+        return ""
+
+    @property
+    def sse(self) -> bool:
+        return self.content_type == "text/event-stream"
+
+    @property
+    def complete(self) -> bool:
+        """Whether its client got the whole answer (as far as the recording says)."""
+        return self.end == "complete"
+
+    def opening_line(self) -> str:
+        """The line that opens the exchange in a recording: everything but its parts."""
+        return _line(
+            {
+                "exchange": self.number,
+                "t": round(self.t, 6),
+                "method": self.method,
+                "path": self.path,
+                "body_sha256": self.body_sha256,
+                "status": self.status,
+                "headers": [list(pair) for pair in self.headers],
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Recording:
-    header: Header
-    parts: tuple[Part, ...]
+    """A recording as read: its format version and its exchanges, by number."""
+
+    version: int
+    exchanges: tuple[Exchange, ...]
+
+
+def file_line() -> str:
+    """A recording's first line."""
+    return _line({"sserelay_recording": VERSION})
+
+
+def end_line(exchange: int, t: float, end: str) -> str:
+    """The line that ends `exchange` (`end` one of ENDS), `t` seconds in."""
+    if end not in ENDS:
+        raise ValueError(f"not an end: {end!r}")
+    return _line({"exchange": exchange, "t": round(t, 6), "end": end})
+
+
+def _numbered(exchange: int | None) -> dict[str, Any]:
+    return {} if exchange is None else {"exchange": exchange}
 
 
 def _line(record: dict[str, Any]) -> str:
@@ -141,55 +320,12 @@ def split_blocks(t: float, payload: bytes) -> list[Block]:
     ]
 
 
-def record_lines(t: float, payload: bytes, *, sse: bool) -> str:
-    """The lines recording one write of `payload`, `t` seconds in."""
+def record_lines(t: float, payload: bytes, *, sse: bool, exchange: int | None = None) -> str:
+    """The lines recording one write of `payload`, `t` seconds in, in `exchange` (None: the
+    lines of a version 1 recording)."""
     if sse:
-        return "".join(block.line() for block in split_blocks(t, payload))
-    return Chunk(t, payload).line()
-
-
-def _text(value: object, where: str, *, nullable: bool = True) -> str | None:
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str):
-        raise RecordingError(f"{where}: expected a string")
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # a lone surrogate, from a \\ud800-style escape
-        raise RecordingError(f"{where}: not valid Unicode text") from None
-    return value
-
-
-def _part(record: dict[str, Any], where: str) -> Part:
-    t = record.get("t")
-    if isinstance(t, bool) or not isinstance(t, int | float) or t < 0:
-        raise RecordingError(f"{where}: 't' must be a number of seconds")
-    if "chunk" in record:
-        body = _text(record["chunk"], where, nullable=False)
-        assert body is not None
-        return Chunk(float(t), body.encode())
-    if "chunk_base64" in record:
-        try:
-            return Chunk(float(t), base64.b64decode(str(record["chunk_base64"]), validate=True))
-        except (binascii.Error, ValueError):
-            raise RecordingError(f"{where}: 'chunk_base64' is not base64") from None
-    retry = record.get("retry")
-    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
-        raise RecordingError(f"{where}: 'retry' must be a number of milliseconds")
-    comments = record.get("comments", [])
-    if not isinstance(comments, list):
-        raise RecordingError(f"{where}: 'comments' must be a list")
-    try:
-        return Block(
-            float(t),
-            _text(record.get("data"), where),
-            _text(record.get("event"), where),
-            _text(record.get("id"), where),
-            retry,
-            tuple(str(_text(c, where, nullable=False)) for c in comments),
-        )
-    except ValueError as exc:  # Event's own checks: a line end in event or id, NUL in id
-        raise RecordingError(f"{where}: {exc}") from None
+        return "".join(block.line(exchange) for block in split_blocks(t, payload))
+    return Chunk(t, payload).line(exchange)
 
 
 def is_recording(first_line: bytes) -> bool:
@@ -202,13 +338,14 @@ def is_recording(first_line: bytes) -> bool:
 
 
 def read_recording(lines: Iterable[str]) -> Recording:
-    """Parse a recording; RecordingError (naming the line) if it is not one.
+    """Parse a recording of any readable version; RecordingError (naming the line) if it is
+    not one.
 
-    A last line cut short (the recorder died mid-write) is dropped: everything
-    before it was flushed whole."""
-    parts: list[Part] = []
-    header: Header | None = None
+    A last line cut short (the recorder died mid-write) is dropped: everything before it
+    was flushed whole."""
+    reader: _Reader | None = None
     pending: str | None = None
+    number = 0
     for number, text in enumerate(lines, 1):
         if pending is not None:
             raise RecordingError(f"line {number - 1}: not JSON")
@@ -222,27 +359,179 @@ def read_recording(lines: Iterable[str]) -> Recording:
             continue
         if not isinstance(record, dict):
             raise RecordingError(f"{where}: expected a JSON object")
-        if header is None:
-            header = _header(record, where)
+        if reader is None:
+            reader = _first(record, where)
         else:
-            parts.append(_part(record, where))
-    if header is None:
-        raise RecordingError("empty: no header line")
+            reader.read(record, number)
     if pending is not None and pending.endswith("\n"):
-        raise RecordingError("last line: not JSON")
-    return Recording(header, tuple(parts))
+        raise RecordingError(f"line {number}: not JSON")
+    if reader is None:
+        raise RecordingError("empty: no header line")
+    return reader.recording()
 
 
-def _header(record: dict[str, Any], where: str) -> Header:
+def _first(record: dict[str, Any], where: str) -> _Reader:
     version = record.get("sserelay_recording")
     if version is None:
         raise RecordingError(f"{where}: not a sserelay recording (no 'sserelay_recording')")
-    if version != VERSION:
-        raise RecordingError(f"{where}: format version {version!r}; this sserelay reads {VERSION}")
-    status = record.get("status")
-    return Header(
-        str(_text(record.get("method", "GET"), where, nullable=False)),
-        str(_text(record.get("path", "/"), where, nullable=False)),
-        status if isinstance(status, int) and not isinstance(status, bool) else 200,
-        str(_text(record.get("content_type", "text/event-stream"), where, nullable=False)),
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+        raise RecordingError(f"{where}: format version {version!r}; this sserelay reads {readable}")
+    if version == 1:
+        return _ReaderV1(record, where)
+    return _ReaderV2()
+
+
+class _Reader:
+    def read(self, record: dict[str, Any], number: int) -> None:
+        raise NotImplementedError
+
+    def recording(self) -> Recording:
+        raise NotImplementedError
+
+
+class _ReaderV1(_Reader):
+    """Version 1: the header, then the parts of its one exchange."""
+
+    def __init__(self, record: dict[str, Any], where: str) -> None:
+        status = record.get("status")
+        content_type = _text(record.get("content_type", "text/event-stream"), where)
+        self._exchange = _exchange(
+            where,
+            number=1,
+            method=_text(record.get("method", "GET"), where),
+            path=_text(record.get("path", "/"), where),
+            body_sha256=None,
+            status=status if isinstance(status, int) and not isinstance(status, bool) else 200,
+            headers=(("content-type", content_type),),
+            # Version 1 kept no ending, and was always replayed as a whole answer.
+            end="complete",
+        )
+        self._parts: list[Part] = []
+
+    def read(self, record: dict[str, Any], number: int) -> None:
+        self._parts.append(_part(record, f"line {number}"))
+
+    def recording(self) -> Recording:
+        exchange = self._exchange
+        ended_at = self._parts[-1].t if self._parts else None
+        return Recording(1, (replace(exchange, parts=tuple(self._parts), ended_at=ended_at),))
+
+
+class _ReaderV2(_Reader):
+    """Version 2: exchanges opened, added to and ended by their number, interleaved."""
+
+    def __init__(self) -> None:
+        self._opened: dict[int, tuple[Exchange, int]] = {}
+        self._parts: dict[int, list[Part]] = {}
+        self._ended: dict[int, tuple[str, float, int]] = {}
+
+    def read(self, record: dict[str, Any], number: int) -> None:
+        where = f"line {number}"
+        n = record.get("exchange")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RecordingError(f"{where}: 'exchange' must be a whole number from 1")
+        if "method" in record:
+            if n in self._opened:
+                raise RecordingError(
+                    f"{where}: exchange {n} was opened on line {self._opened[n][1]}"
+                )
+            self._opened[n] = (_opening(record, n, where), number)
+            self._parts[n] = []
+            return
+        if n not in self._opened:
+            raise RecordingError(f"{where}: exchange {n} is not opened on an earlier line")
+        if n in self._ended:
+            raise RecordingError(f"{where}: exchange {n} ended on line {self._ended[n][2]}")
+        if "end" in record:
+            end = record["end"]
+            if end not in ENDS:
+                raise RecordingError(f"{where}: 'end' must be one of {', '.join(ENDS)}")
+            self._ended[n] = (end, _seconds(record, where), number)
+            return
+        self._parts[n].append(_part(record, where))
+
+    def recording(self) -> Recording:
+        exchanges = []
+        for n in sorted(self._opened):
+            end, ended_at, _ = self._ended.get(n, (None, None, 0))
+            opened = self._opened[n][0]
+            exchanges.append(
+                replace(opened, parts=tuple(self._parts[n]), end=end, ended_at=ended_at)
+            )
+        return Recording(2, tuple(exchanges))
+
+
+def _exchange(where: str, **fields: Any) -> Exchange:
+    try:
+        return Exchange(**fields)
+    except ValueError as exc:
+        raise RecordingError(f"{where}: {exc}") from None
+
+
+def _opening(record: dict[str, Any], n: int, where: str) -> Exchange:
+    headers = record.get("headers", [])
+    if not isinstance(headers, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 for pair in headers
+    ):
+        raise RecordingError(f"{where}: 'headers' must be a list of [name, value] pairs")
+    sha = record.get("body_sha256")
+    return _exchange(
+        where,
+        number=n,
+        method=_text(record.get("method"), where),
+        path=_text(record.get("path"), where),
+        body_sha256=None if sha is None else _text(sha, where),
+        status=record.get("status"),
+        headers=tuple((_text(name, where), _text(value, where)) for name, value in headers),
+        t=_seconds(record, where, default=0.0),
     )
+
+
+def _seconds(record: dict[str, Any], where: str, default: float | None = None) -> float:
+    t = record.get("t", default)
+    if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf:
+        raise RecordingError(f"{where}: 't' must be a number of seconds")
+    return float(t)
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise RecordingError(f"{where}: expected a string")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate, from a \\ud800-style escape
+        raise RecordingError(f"{where}: not valid Unicode text") from None
+    return value
+
+
+def _text_or_none(value: object, where: str) -> str | None:
+    return None if value is None else _text(value, where)
+
+
+def _part(record: dict[str, Any], where: str) -> Part:
+    t = _seconds(record, where)
+    if "chunk" in record:
+        return Chunk(t, _text(record["chunk"], where).encode())
+    if "chunk_base64" in record:
+        try:
+            return Chunk(t, base64.b64decode(str(record["chunk_base64"]), validate=True))
+        except (binascii.Error, ValueError):
+            raise RecordingError(f"{where}: 'chunk_base64' is not base64") from None
+    retry = record.get("retry")
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        raise RecordingError(f"{where}: 'retry' must be a number of milliseconds")
+    comments = record.get("comments", [])
+    if not isinstance(comments, list):
+        raise RecordingError(f"{where}: 'comments' must be a list")
+    try:
+        return Block(
+            t,
+            _text_or_none(record.get("data"), where),
+            _text_or_none(record.get("event"), where),
+            _text_or_none(record.get("id"), where),
+            retry,
+            tuple(_text(c, where) for c in comments),
+        )
+    except ValueError as exc:  # Event's own checks: a line end in event or id, NUL in id
+        raise RecordingError(f"{where}: {exc}") from None

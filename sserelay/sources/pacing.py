@@ -68,8 +68,9 @@ class Pacer:
         return due
 
 
-#: A batch to pace: its chunks, each chunk's tokens, and its recorded offset (None if untimed).
-Counted = tuple[Sequence[str], Sequence[int], "float | None"]
+#: A batch to pace: its chunks, each chunk's tokens, its recorded offset (None if untimed),
+#: and what the token count holds back after each chunk (empty: nothing, ever).
+Counted = tuple[Sequence[str], Sequence[int], "float | None", Sequence[int]]
 
 
 async def paced(
@@ -79,20 +80,21 @@ async def paced(
     ready: Callable[[], Awaitable[object]] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> AsyncIterator[tuple[Sequence[str], Sequence[int]]]:
-    """The chunks of `batches` with their tokens, as they may go out: each batch whole, at
-    once, without a pacer (or an inactive one); one chunk at a time, each when `pacer` says,
-    with one. `ready` is awaited before each paced chunk (the hub waits for a listener)."""
+) -> AsyncIterator[tuple[Sequence[str], Sequence[int], int]]:
+    """The chunks of `batches` with their tokens and what the count holds back after the
+    last of them, as they may go out: each batch whole, at once, without a pacer (or an
+    inactive one); one chunk at a time, each when `pacer` says, with one. `ready` is
+    awaited before each paced chunk (the hub waits for a listener)."""
     if pacer is not None and not pacer.active:
         pacer = None
-    async for chunks, tokens, at in batches:
+    async for chunks, tokens, at, pendings in batches:
         if pacer is None:
-            yield chunks, tokens
+            yield chunks, tokens, pendings[-1] if pendings else 0
             continue
-        for chunk, n in zip(chunks, tokens, strict=True):
+        for i, (chunk, n) in enumerate(zip(chunks, tokens, strict=True)):
             if ready is not None:
                 await ready()
             wait = pacer.next_time(n, at, clock()) - clock()
             if wait > 0:
                 await sleep(wait)
-            yield [chunk], [n]
+            yield [chunk], [n], pendings[i] if pendings else 0

@@ -46,11 +46,14 @@ class Batch:
     payload: bytes
     ends: tuple[int, ...]
     token_totals: tuple[int, ...]
+    #: what the token count holds back after the batch's last event (Frames.pending)
+    pending: int = 0
     #: the whole batch, made once: what every client that keeps up is given
     whole: Frames = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "whole", Frames(self.payload, self.events, self.tokens))
+        whole = Frames(self.payload, self.events, self.tokens, self.pending)
+        object.__setattr__(self, "whole", whole)
 
     @property
     def events(self) -> int:
@@ -72,7 +75,10 @@ class Batch:
             return self.whole
         offset = self.ends[skip - 1]
         return Frames(
-            self.payload[offset:], self.events - skip, self.tokens - self.token_totals[skip - 1]
+            self.payload[offset:],
+            self.events - skip,
+            self.tokens - self.token_totals[skip - 1],
+            self.pending,
         )
 
 
@@ -109,11 +115,12 @@ class EventLog:
     def kept(self) -> int:
         return self.head - self.oldest
 
-    def append(self, chunks: Sequence[str], tokens: Sequence[int]) -> Batch:
-        """Publish `chunks` (with their token counts) as the next events."""
+    def append(self, chunks: Sequence[str], tokens: Sequence[int], pending: int = 0) -> Batch:
+        """Publish `chunks` (with their token counts, and what the count holds back after
+        the last of them) as the next events."""
         first = self.head
         payload, ends = encode_batch(chunks, first if self.ids else None)
-        batch = Batch(first, payload, ends, tuple(accumulate(tokens)))
+        batch = Batch(first, payload, ends, tuple(accumulate(tokens)), pending)
         self._batches.append(batch)
         self.head = batch.next
         return batch
@@ -149,6 +156,7 @@ class EventLog:
             b"".join(p.payload for p in parts),
             sum(p.events for p in parts),
             sum(p.tokens for p in parts),
+            parts[-1].pending,
         )
 
     def trim(self, floor: int) -> None:
@@ -186,7 +194,12 @@ class Listener:
                 self._took = True
                 if self.truncated:
                     self.truncated = False
-                    return Frames(HISTORY_TRUNCATED + frames.payload, frames.events, frames.tokens)
+                    return Frames(
+                        HISTORY_TRUNCATED + frames.payload,
+                        frames.events,
+                        frames.tokens,
+                        frames.pending,
+                    )
                 return frames
             if self.truncated:  # say so now, not with the next event
                 self.truncated = False
@@ -219,10 +232,12 @@ class Hub:
     stops the reader and closes the source.
 
     `count` gives each chunk's tokens, in order (a TokenCounter's `feed`
-    counts over the joined text). `count_end`, called once when the source
-    ends, gives the tokens `count` could not know until then (a last NDJSON
-    line with no line end): they are `end_tokens`, billed with no bytes to
-    every listener that took the last event, which carried that line.
+    counts over the joined text), and `pending`, if given, what it then holds
+    back (a BPE count's open tail, billed to a client that leaves there).
+    `count_end`, called once when the source ends, gives the tokens `count`
+    could not know until then (a last NDJSON line with no line end, a BPE
+    count's tail): they are `end_tokens`, billed with no bytes to every
+    listener that took the last event.
     `pacer` spaces events out (`--rate`, `--delay`, `--realtime`). `clock`
     and `sleep` are injected for tests."""
 
@@ -232,6 +247,7 @@ class Hub:
         *,
         count: Callable[[str], int],
         count_end: Callable[[], int] | None = None,
+        pending: Callable[[], int] | None = None,
         ids: bool = True,
         history: int = DEFAULT_HISTORY,
         max_lag: int = DEFAULT_MAX_LAG,
@@ -249,6 +265,7 @@ class Hub:
         self.end_tokens = 0
         self._count = count
         self._count_end = count_end
+        self._pending = pending
         self._pacer = pacer if pacer is not None and pacer.active else None
         self._clock = clock
         self._sleep = sleep
@@ -321,10 +338,10 @@ class Hub:
     async def _read(self) -> None:
         batches = self._counted()
         try:
-            async for chunks, tokens in paced(
+            async for chunks, tokens, pending in paced(
                 batches, self._pacer, ready=self._demand.wait, clock=self._clock, sleep=self._sleep
             ):
-                self._publish(chunks, tokens)
+                self._publish(chunks, tokens, pending)
             if self._count_end is not None:
                 self.end_tokens = self._count_end()
             self._end(None)
@@ -346,14 +363,22 @@ class Hub:
                 at = None
                 if isinstance(batch, TimedBatch):
                     at, batch = batch.at, batch.chunks
-                if batch:
-                    yield batch, [self._count(chunk) for chunk in batch], at
+                if not batch:
+                    continue
+                if self._pending is None:
+                    yield batch, [self._count(chunk) for chunk in batch], at, ()
+                else:  # a BPE count: what it holds back after each chunk, too
+                    tokens, pendings = [], []
+                    for chunk in batch:
+                        tokens.append(self._count(chunk))
+                        pendings.append(self._pending())
+                    yield batch, tokens, at, pendings
         finally:
             aclose = getattr(batches, "aclose", None)
             if aclose is not None:
                 await aclose()
 
-    def _publish(self, chunks: Sequence[str], tokens: Sequence[int]) -> None:
+    def _publish(self, chunks: Sequence[str], tokens: Sequence[int], pending: int = 0) -> None:
         # Lag is counted before this batch: one big read never cuts a client
         # that had taken everything before it.
         # One scan of the listeners per publish when nobody is behind.
@@ -364,7 +389,7 @@ class Hub:
                 self._unwait(listener)
                 listener._cut_off()
             floor = self._floor()
-        self.log.append(chunks, tokens)
+        self.log.append(chunks, tokens, pending)
         self.log.trim(floor if self._listeners else self.log.head)
         self._wake()
 

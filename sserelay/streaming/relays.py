@@ -13,6 +13,9 @@ trailing piece whose bytes were already written (its `payload` is empty).
 - `BodyRelay`: a whole JSON answer (or an error body). Bytes pass unchanged;
   the answer is metered once complete.
 
+`relay_for()` picks one for an answer by its status and content type, the same for the
+proxy and for a replay of what it recorded (so both bill alike).
+
 A provider's deltas are fragments of one text: their tokens are counted over
 the joined text (a word split across two deltas is one token). A raw payload
 is a whole chunk, as `sserelay serve` sends lines: it is counted on its own.
@@ -78,7 +81,7 @@ class EventRelay:
             line = self._blocks.failure
             shown = line if len(line) <= 60 else line[:57] + "..."
             self.failure = UpstreamError(f"upstream sent a line that is not SSE: {shown!r}")
-        return Frames(b"".join(parts), events, tokens)
+        return Frames(b"".join(parts), events, tokens, self._tokens.pending())
 
     def flush(self) -> Frames:
         """End of body. An event left without its blank line is a broken stream
@@ -86,7 +89,7 @@ class EventRelay:
         self._blocks.flush()
         if self.failure is None and self._blocks.unterminated:
             self.failure = UpstreamError("upstream SSE stream ended in the middle of an event")
-        return Frames(b"", 0, 0)
+        return Frames(b"", 0, self._tokens.flush())
 
     def _dispatch(self, block: Block) -> tuple[bytes, int, int]:
         """The wire form of a block, the events (0 or 1) and tokens in it."""
@@ -112,12 +115,15 @@ class EventRelay:
 
 class _TextMeter:
     """Tokens in each delta: over the joined text for a provider's fragments,
-    on its own for a raw payload (the payload meter has not found a provider)."""
+    on its own for a raw payload (the payload meter has not found a provider).
+    A BPE count holds back the joined text's open tail: `pending()` is what it holds,
+    `flush()` bills it at the end of the answer."""
 
     def __init__(self, payload: PayloadMeter, tokenizer: Tokenizer) -> None:
         self._payload = payload
         self._count = tokenizer.count
         self._counter = tokenizer.counter()
+        self._holds_back = tokenizer.holds_back
 
     def count(self, delta: Delta) -> int:
         if not delta.text:
@@ -125,6 +131,12 @@ class _TextMeter:
         if self._payload.kind in ("raw", "auto"):
             return self._count(delta.text)
         return self._counter.feed(delta.text)
+
+    def pending(self) -> int:
+        return self._counter.pending() if self._holds_back else 0
+
+    def flush(self) -> int:
+        return self._counter.flush()
 
 
 class LineRelay:
@@ -138,6 +150,7 @@ class LineRelay:
     def __init__(self, payload: PayloadMeter, tokenizer: Tokenizer, *, text: bool) -> None:
         self.payload = payload
         self._counter = tokenizer.counter()
+        self._holds_back = tokenizer.holds_back
         self._tokens = _TextMeter(payload, tokenizer)
         self._text = text
         self._lines = LineSplitter()
@@ -151,14 +164,18 @@ class LineRelay:
     def decode(self, chunk: bytes) -> Frames:
         if self._text:
             text = self._utf8.decode(chunk)
-            return Frames(chunk, 1, self._counter.feed(text) if text else 0)
-        return Frames(chunk, *self._meter(self._lines.decode(chunk)))
+            tokens = self._counter.feed(text) if text else 0
+            return Frames(chunk, 1, tokens, self._counter.pending() if self._holds_back else 0)
+        events, tokens = self._meter(self._lines.decode(chunk))
+        return Frames(chunk, events, tokens, self._tokens.pending())
 
     def flush(self) -> Frames:
         if self._text:
             text = self._utf8.flush()
-            return Frames(b"", 0, self._counter.feed(text) if text else 0)
-        return Frames(b"", *self._meter(self._lines.flush()))
+            tokens = self._counter.feed(text) if text else 0
+            return Frames(b"", 0, tokens + self._counter.flush())
+        events, tokens = self._meter(self._lines.flush())
+        return Frames(b"", events, tokens + self._tokens.flush())
 
     def _meter(self, lines: list[str]) -> tuple[int, int]:
         events = tokens = 0
@@ -204,7 +221,7 @@ class BodyRelay:
         for answer in answers:
             if isinstance(answer, dict):
                 tokens += self._tokens.count(self._read(answer))
-        return Frames(b"", 1, tokens)
+        return Frames(b"", 1, tokens + self._tokens.flush())
 
     def _read(self, answer: dict[str, Any]) -> Delta:
         whole = whole_answer(answer)
@@ -221,3 +238,28 @@ class BodyRelay:
     def text(self) -> str:
         """The body kept so far, as text (for an error message)."""
         return b"".join(self._body).decode("utf-8", errors="replace")
+
+
+Relay = EventRelay | LineRelay | BodyRelay
+
+
+def relay_for(
+    content_type: str,
+    status: int,
+    payload: PayloadMeter,
+    tokenizer: Tokenizer,
+    *,
+    keep_comments: bool = False,
+    strip_usage: bool = False,
+    text: bool = True,
+) -> Relay:
+    """The relay for an answer of `status` whose media type is `content_type`: an error
+    body (kept for its message, not metered), SSE, a whole JSON answer, or any other
+    stream; with `text`, a `text/*` stream is metered as the raw text it is."""
+    if status >= 400:
+        return BodyRelay(payload, tokenizer, meter=False)
+    if content_type == "text/event-stream":
+        return EventRelay(payload, tokenizer, keep_comments=keep_comments, strip_usage=strip_usage)
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return BodyRelay(payload, tokenizer)
+    return LineRelay(payload, tokenizer, text=text and content_type.startswith("text/"))

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from typing import Protocol
+from typing import NoReturn, Protocol
 
-from sserelay.errors import ClientDisconnected, Interrupted, NoFlushError
+from sserelay.errors import BudgetExhausted, ClientDisconnected, Interrupted, NoFlushError
 from sserelay.metering.meter import ClientMeter
 from sserelay.metering.tokens import count_tokens
+from sserelay.streaming.gate import BudgetGate
 from sserelay.wire.frames import Frames
 from sserelay.wire.sse import encode_batch
 
@@ -56,6 +57,14 @@ class EventSink(Protocol):
 
 class _Gone(Exception):
     """The sink reported the client gone during a flush."""
+
+
+class _Exhausted(Exception):
+    """The gate cut the stream: the budget is spent (after its error event, if started)."""
+
+    def __init__(self, started: bool) -> None:
+        super().__init__("budget exhausted")
+        self.started = started
 
 
 async def encode_chunks(
@@ -123,15 +132,24 @@ async def relay_frames(
     heartbeat: float | None = None,
     headers: Sequence[tuple[bytes, bytes]] = SSE_HEADERS,
     stop: asyncio.Future[None] | None = None,
+    gate: BudgetGate | None = None,
+    lazy_start: bool = False,
 ) -> int:
     """Write each Frames to `sink` and flush it at once: stream_sse() for
     events that are already encoded (a relayed upstream, a broadcast).
-    Same contract as stream_sse()."""
+    Same contract as stream_sse(). With `gate` (a key's budget), a Frames that
+    would pass the budget is not written: the gate's error event ends the
+    stream and BudgetExhausted is raised. With `lazy_start` the headers go out
+    with the first write (a whole answer, which a budget may refuse before it
+    starts: BudgetExhausted then says `started=False`)."""
     if not callable(getattr(sink, "flush", None)):
         raise NoFlushError()
-    await sink.start(headers)
+    if not lazy_start:
+        await sink.start(headers)
     activity = _Activity(asyncio.get_running_loop().time())
-    pump = asyncio.create_task(_pump(sink, aiter(frames), client, activity))
+    pump = asyncio.create_task(
+        _pump(sink, aiter(frames), client, activity, gate, None if not lazy_start else headers)
+    )
     watcher = asyncio.create_task(sink.wait_disconnected())
     tasks = {pump, watcher}
     keep_alive = None
@@ -154,13 +172,17 @@ async def relay_frames(
     if keep_alive is not None and not keep_alive.cancelled():
         if (error := keep_alive.exception()) is not None:
             raise error  # a failed ping is not a gone client: say what went wrong
+    if isinstance(error := None if pump.cancelled() else pump.exception(), _Exhausted):
+        raise BudgetExhausted(client.billed_tokens, started=error.started)
+    if lazy_start and not getattr(sink, "started", True):
+        await sink.start(headers)  # a whole answer with nothing in it: its headers now
     if pump.cancelled() or isinstance(pump.exception(), _Gone):
         # The watcher ran to its end only if the client went away (else it was cancelled).
         if stop is not None and stop.done() and watcher.cancelled():
-            raise Interrupted(client.tokens)
-        raise ClientDisconnected(client.tokens)
+            raise Interrupted(client.billed_tokens)
+        raise ClientDisconnected(client.billed_tokens)
     pump.result()  # re-raises a source error
-    return client.tokens
+    return client.billed_tokens
 
 
 class _Activity:
@@ -180,10 +202,17 @@ async def _pump(
     frames: AsyncIterator[Frames],
     client: ClientMeter,
     activity: _Activity,
+    gate: BudgetGate | None = None,
+    headers: Sequence[tuple[bytes, bytes]] | None = None,
 ) -> None:
     # The per-event path: the next Frames, write and flush it, bill it.
     time = asyncio.get_running_loop().time
     async for item in frames:
+        if gate is not None and not gate.take(item) and not await gate.admit(item):
+            await _cut(sink, client, activity, gate, headers)
+        if headers is not None:  # lazy start: the headers go with the first write
+            await sink.start(headers)
+            headers = None
         # No bytes: tokens of bytes already delivered (counted at the end), billed as they are.
         if item.payload:
             async with activity.lock:
@@ -193,12 +222,31 @@ async def _pump(
                 except asyncio.CancelledError:
                     # Cancelled once the connection had the bytes: they are the client's.
                     if getattr(sink, "accepted", False):
-                        client.record(item.events, item.tokens, len(item.payload))
+                        client.record(item.events, item.tokens, len(item.payload), item.pending)
                     raise
                 if not delivered:
                     raise _Gone
             activity.last = time()
-        client.record(item.events, item.tokens, len(item.payload))
+        client.record(item.events, item.tokens, len(item.payload), item.pending)
+
+
+async def _cut(
+    sink: EventSink,
+    client: ClientMeter,
+    activity: _Activity,
+    gate: BudgetGate,
+    headers: Sequence[tuple[bytes, bytes]] | None,
+) -> NoReturn:
+    """End a stream whose next write would pass its key's budget: its API's error event
+    (unless nothing was sent yet: then it can still get an error status), billed as the one
+    event it is, with no tokens."""
+    if headers is not None:
+        raise _Exhausted(started=False)
+    async with activity.lock:
+        sink.write(gate.error_event)
+        if await sink.flush():
+            client.record(1, 0, len(gate.error_event), client.tail)
+    raise _Exhausted(started=True)
 
 
 async def _keep_alive(sink: EventSink, interval: float, activity: _Activity) -> None:

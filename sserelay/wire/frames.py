@@ -10,8 +10,13 @@ class Frames:
     """Encoded bytes holding `events` events and `tokens` tokens, written in one flush.
 
     A Frames with no bytes carries tokens or events of bytes already written (a count
-    that could only be known later, e.g. a last line with no line end): it is billed as is."""
+    that could only be known later, e.g. a last line with no line end): it is billed as is.
+
+    `pending` is what a BPE count holds back once these are written: the tokens of the
+    text's open tail, billed only if the stream ends here (a client that leaves), since
+    a later fragment may still change them (`TokenCounter.pending`)."""
 
     payload: bytes
     events: int
     tokens: int
+    pending: int = 0

@@ -120,7 +120,7 @@ class DevFdRelay:
             byte = os.read(self.proc.stderr.fileno(), 1)
             assert byte, "sserelay exited"
             line += byte
-        return line.decode().split("serving on ")[1].strip()
+        return line.decode().split("serving on ")[1].split()[0]
 
     def close(self) -> None:
         if self.proc.poll() is None:

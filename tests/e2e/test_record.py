@@ -1,5 +1,6 @@
 """Record and replay end to end: `proxy --record` in front of a paced pytest-httpserver upstream,
 then `serve FILE --realtime` (and `serve FILE --as ...`) giving the recorded stream back.
+Cassettes of several exchanges, replayed request by request: tests/e2e/test_cassette.py.
 
 Timing tolerance: each replayed gap between events is within ±50 ms of the recorded one (a
 noisy 2-core machine; the replays measured here are typically within a few ms).
@@ -23,6 +24,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from sserelay import SSEDecoder, count_tokens
+from sserelay.record.format import body_sha256
 from tests.conftest import Relay, wait_until
 
 TOLERANCE_S = 0.050
@@ -127,8 +129,8 @@ def test_a_recording_replays_byte_identical_events_with_their_timing(
     )
     client.start()
     # Flushed line by line: while the proxy still streams, the file already holds every
-    # event relayed so far (the header and all but the held last one).
-    wait_until(lambda: len(path.read_text().splitlines()) == len(events), timeout=10)
+    # event relayed so far (its first line, the exchange's, and all but the held last one).
+    wait_until(lambda: len(path.read_text().splitlines()) == len(events) + 1, timeout=10)
     try:
         assert proxy.proc.poll() is None
         wait_until(lambda: len(got) == len(events) - 1)
@@ -137,15 +139,22 @@ def test_a_recording_replays_byte_identical_events_with_their_timing(
     client.join(10)
     assert proxy.bill()["reason"] == "complete"
 
-    header, *lines = recorded(path)
-    assert header == {
-        "sserelay_recording": 1,
+    header, opening, *lines, end = recorded(path)
+    assert header == {"sserelay_recording": 2}
+    headers = dict(opening.pop("headers"))
+    assert opening == {
+        "exchange": 1,
+        "t": opening["t"],
         "method": "POST",
         "path": "/chat/completions",
+        "body_sha256": body_sha256(b'{"model":"m"}'),
         "status": 200,
-        "content_type": "text/event-stream",
     }
+    assert headers["content-type"].startswith("text/event-stream")
+    assert "date" not in headers and "server" not in headers  # the replaying server's own
     assert [line["data"].encode() for line in lines] == [e[6:-2] for e in events]
+    assert {line["exchange"] for line in lines} == {1}
+    assert end == {"exchange": 1, "t": end["t"], "end": "complete"}
     relayed = [block for _, block in got]
     assert relayed == events  # the proxy relays these events unchanged
 
@@ -186,7 +195,7 @@ def test_a_recording_replays_through_the_mock_in_another_format(
     )
     assert text == "".join(WORDS)
     assert proxy.bill()["reason"] == "complete"
-    assert [line.get("event") for line in recorded(path)[1:3]] == [
+    assert [line.get("event") for line in recorded(path)[2:4]] == [
         "message_start",
         "content_block_start",
     ]
@@ -205,7 +214,9 @@ def test_a_recording_replays_through_the_mock_in_another_format(
             deltas.append(chunk.choices[0].delta.content)
     client.close()
     assert deltas == WORDS
-    delta_t = [line["t"] for line in recorded(path)[1:] if line["event"] == "content_block_delta"]
+    delta_t = [
+        line["t"] for line in recorded(path)[1:] if line.get("event") == "content_block_delta"
+    ]
     errors = [abs(a - b) for a, b in zip(gaps(arrivals), gaps(delta_t), strict=True)]
     assert max(errors) <= TOLERANCE_S, errors
     bill = mock.bill()

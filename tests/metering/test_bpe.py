@@ -20,9 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sserelay.metering import tokens
 from sserelay.errors import SSERelayError
-from sserelay.metering import bpe
+from sserelay.metering import bpe, tokens
 from sserelay.metering.bpe import (
     BPECounter,
     BPEEncoding,

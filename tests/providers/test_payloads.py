@@ -90,7 +90,7 @@ STREAMS = [
         "openai_chat_usage.sse",
         "openai",
         "The capital of France is Paris.",
-        Usage(24, 7, 31),
+        Usage(24, 7, 31, cached_tokens=0, reasoning_tokens=0),
         "gpt-4o-mini-2024-07-18",
         True,
         id="openai_chat_usage",
@@ -102,7 +102,7 @@ STREAMS = [
         "openai_chat_tool_call.sse",
         "openai",
         "",
-        Usage(81, 17, 98),
+        Usage(81, 17, 98, cached_tokens=0, reasoning_tokens=0),
         "gpt-4.1-2025-04-14",
         True,
         id="openai_chat_tool_call",
@@ -128,7 +128,7 @@ STREAMS = [
         "responses.sse",
         "responses",
         "Server-sent events keep one HTTP response open and push each token the moment it exists.",
-        Usage(18, 19, 37),
+        Usage(18, 19, 37, cached_tokens=0, reasoning_tokens=0),
         "gpt-4.1-2025-04-14",
         True,
         id="responses",
@@ -141,7 +141,7 @@ STREAMS = [
         "anthropic.sse",
         "anthropic",
         "Hello! Tokens are counted as they stream past, not after.",
-        Usage(25, 15, None),
+        Usage(25, 15, None, cached_tokens=0, cache_creation_tokens=0),
         "claude-sonnet-4-5-20250929",
         True,
         id="anthropic",
@@ -154,7 +154,7 @@ STREAMS = [
         "anthropic_thinking_tool.sse",
         "anthropic",
         "I'll check the current weather in Paris for you.",
-        Usage(423, 96, None),
+        Usage(423, 96, None, cached_tokens=0, cache_creation_tokens=0),
         "claude-sonnet-4-20250514",
         True,
         id="anthropic_thinking_tool",
@@ -717,10 +717,12 @@ def test_blank_payloads_do_not_decide_the_kind() -> None:
     assert meter.kind == "ollama"
 
 
-def test_unknown_json_is_metered_as_text_without_deciding() -> None:
+def test_unknown_json_is_not_metered_and_decides_nothing() -> None:
+    # Issue 12: only answers that carry model text are metered (an error, a model list: 0).
     meter = PayloadMeter()
     error = '{"error": {"message": "upstream busy"}}'
-    assert meter.feed(error) == Delta(text=error)
+    assert meter.feed(error) == Delta()
+    assert meter.feed('{"object": "list", "data": [{"id": "gpt-4o"}]}') == Delta()
     assert meter.kind == "auto"
     meter.feed(chunk(type="message_stop"), "message_stop")
     assert meter.kind == "anthropic"

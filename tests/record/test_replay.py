@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from sserelay.errors import SourceError
+from sserelay.errors import ConfigError, SourceError
 from sserelay.metering.tokens import get_tokenizer
 from sserelay.providers.payloads import PayloadMeter
-from sserelay.record.format import Chunk, Header, record_lines
-from sserelay.record.replay import RecordingSource, ReplayText, looks_like_recording
+from sserelay.record.format import (
+    Block,
+    Chunk,
+    Exchange,
+    Header,
+    Recording,
+    body_sha256,
+    file_line,
+    record_lines,
+    split_blocks,
+)
+from sserelay.record.replay import (
+    Cassette,
+    ExchangeSource,
+    RecordingSource,
+    ReplayText,
+    looks_like_recording,
+    no_match_message,
+)
 from sserelay.sources.text import TimedBatch
 from sserelay.streaming.relays import EventRelay
 from sserelay.wire.sse import SSEDecoder
@@ -19,7 +38,7 @@ from sserelay.wire.sse import SSEDecoder
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
 
 
-def batches(source: RecordingSource) -> list[TimedBatch]:
+def batches(source: ExchangeSource) -> list[TimedBatch]:
     async def collect() -> list[TimedBatch]:
         return [batch async for batch in source.batches()]
 
@@ -157,3 +176,118 @@ def test_plain_text_is_not_a_recording_and_a_broken_one_is_a_source_error(
     broken.write_text('{"sserelay_recording": 1}\n{"t": -1, "data": "x"}\n')
     with pytest.raises(SourceError, match="line 2"):
         RecordingSource(str(broken))
+
+
+# Cassettes: which recorded exchange answers which request ---------------------------------
+
+
+def recorded(number: int, method: str, path: str, body: bytes = b"") -> Exchange:
+    headers = (("content-type", "application/json"),)
+    return Exchange(number, method, path, body_sha256(body), 200, headers)
+
+
+MODELS = recorded(1, "GET", "/v1/models")
+HELLO = recorded(2, "POST", "/v1/chat/completions", b'{"messages": ["hello"]}')
+BYE = recorded(3, "POST", "/v1/chat/completions", b'{"messages": ["bye"]}')
+MESSAGE = recorded(4, "POST", "/v1/messages", b'{"messages": ["hello"]}')
+
+
+def asked(cassette: Cassette, *requests: tuple[str, str, bytes]) -> list[int | None]:
+    """The number of the exchange that answers each request in turn (None: none does)."""
+    answers = [cassette.match(method, path, body_sha256(body)) for method, path, body in requests]
+    return [None if answer is None else answer.number for answer in answers]
+
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("requests", "answers"),
+    [
+        # Method, path and body first, whatever the order they come in.
+        ([("POST", CHAT, b'{"messages":["bye"]}'), ("GET", "/v1/models", b""),
+          ("POST", CHAT, b'{"messages": ["hello"]}')], [3, 1, 2]),
+        # The body canonical: keys and spaces as another client writes them.
+        ([("POST", CHAT, b' {"messages" : [ "bye" ]}\n')], [3]),
+        # No body matches: the next unused of that method and path, in order...
+        ([("POST", CHAT, b'{"messages": ["new"]}'), ("POST", CHAT, b'{"messages": ["new"]}')],
+         [2, 3]),
+        # ... then the next unused at all (a recording of another API, replayed in another).
+        ([("POST", "/v1/responses", b"{}"), ("POST", "/v1/responses", b"{}")], [1, 2]),
+        # The same request again gets its answer again (a retry), before any fallback...
+        ([("GET", "/v1/models", b""), ("GET", "/v1/models", b""), ("GET", "/v1/models", b"")],
+         [1, 1, 1]),
+        # ... also when a fallback took it first: a recorded request gets its own answer.
+        ([("POST", CHAT, b'{"messages": ["new"]}'), ("POST", CHAT, b'{"messages": ["hello"]}'),
+          ("POST", CHAT, b'{"messages": ["bye"]}')], [2, 2, 3]),
+        # ... and a request unlike any recorded, once nothing is left, gets none.
+        ([("PUT", "/x", b"1"), ("PUT", "/x", b"2"), ("PUT", "/x", b"3"), ("PUT", "/x", b"4"),
+          ("PUT", "/x", b"5"), ("POST", CHAT, b'{"messages": ["bye"]}')],
+         [1, 2, 3, 4, None, 3]),
+    ],
+)  # fmt: skip
+def test_a_cassette_answers_by_request_then_falls_back_to_order(
+    requests: list[tuple[str, str, bytes]], answers: list[int | None]
+) -> None:
+    assert asked(Cassette([MODELS, HELLO, BYE, MESSAGE]), *requests) == answers
+
+
+def test_a_cassette_of_one_exchange_answers_every_request_and_an_empty_one_none() -> None:
+    one = Cassette([HELLO])
+    assert asked(one, ("GET", "/", b""), ("POST", CHAT, b"{}"), ("GET", "/", b"")) == [2, 2, 2]
+    assert asked(Cassette([]), ("GET", "/", b"")) == [None]
+
+
+def test_the_mock_s_answers_are_the_post_exchanges_or_the_only_one() -> None:
+    many = Recording(2, (MODELS, HELLO, recorded(5, "DELETE", "/v1/x"), BYE))
+    assert Cassette.of_answers(many).exchanges == (HELLO, BYE)
+    only = Recording(2, (MODELS,))
+    assert Cassette.of_answers(only).exchanges == (MODELS,)
+    assert no_match_message("POST", CHAT, "ab" * 32) == (
+        f"no recorded exchange for POST {CHAT} (body sha256 {'ab' * 32})"
+    )
+
+
+def test_serve_broadcasts_a_cassette_of_one_exchange_and_refuses_several(tmp_path: Path) -> None:
+    one = tmp_path / "one.jsonl"
+    stream = Exchange(1, "POST", CHAT, None, 200, (("content-type", "text/event-stream"),))
+    one.write_text(
+        file_line() + stream.opening_line() + Block(0.1, "a").line(1) + Block(0.2, "b").line(1)
+    )
+    assert [b.chunks for b in batches(RecordingSource(str(one)))] == [["a"], ["b"]]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(file_line())
+    assert batches(RecordingSource(str(empty))) == []
+    several = tmp_path / "several.jsonl"
+    several.write_text(file_line() + MODELS.opening_line() + HELLO.opening_line())
+    with pytest.raises(ConfigError, match=r"holds 2 recorded exchanges .* --as recorded") as info:
+        RecordingSource(str(several))
+    assert info.value.field == "source"
+
+
+def test_the_text_of_one_exchange_of_a_cassette(tmp_path: Path) -> None:
+    relay = EventRelay(PayloadMeter(), get_tokenizer("whitespace"))
+    written = relay.decode((PAYLOADS / "anthropic.sse").read_bytes()).payload
+    stream = Exchange(
+        7, "POST", "/v1/messages", None, 200, (("content-type", "text/event-stream"),)
+    )
+    parts = tuple(split_blocks(0.5, written))
+    source = ExchangeSource(replace(stream, parts=parts), as_text=True)
+    meter = PayloadMeter()
+    want = "".join(meter.feed(e.data, e.event).text for e in SSEDecoder().decode(written))
+    assert "".join(c for b in batches(source) for c in b.chunks) == want and want
+
+
+def test_the_text_of_a_recorded_whole_json_answer(tmp_path: Path) -> None:
+    whole = {
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "All of it."}}],
+    }
+    body = json.dumps(whole).encode()
+    answer = Exchange(
+        1, "POST", "/v1/chat/completions", None, 200, (("content-type", "application/json"),)
+    )
+    parts = (Chunk(0.1, body[:10]), Chunk(0.2, body[10:]))  # written in two reads
+    texts = batches(ExchangeSource(replace(answer, parts=parts), as_text=True))
+    assert texts == [TimedBatch(0.2, ["All of it."])]

@@ -177,7 +177,7 @@ def test_strip_usage_drops_only_the_usage_chunk_but_records_its_usage() -> None:
     assert len(datas) == len(SSEDecoder().decode(raw)) - 1
     assert not any(json.loads(d).get("choices") == [] for d in datas if d != "[DONE]")
     assert relay.stripped == 1
-    assert relay.payload.usage == Usage(24, 7, 31)
+    assert relay.payload.usage == Usage(24, 7, 31, cached_tokens=0, reasoning_tokens=0)
 
 
 # --------------------------------------------------------------------------- other bodies
