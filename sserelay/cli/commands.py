@@ -77,7 +77,7 @@ def serve(**options: Any) -> None:
     from sserelay.http.config import MockConfig, ServeConfig
 
     ctx = click.get_current_context()
-    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    as_json, quiet, receipts = _view_options(options)
     provider, once = options.pop("provider"), options.pop("once")
     common = _common(options, ledger_by_default=provider is not None)
     paced = {
@@ -97,7 +97,7 @@ def serve(**options: Any) -> None:
                 raise click.UsageError(f"{flag} is for a broadcast stream; --as answers "
                                        "each request anew")  # fmt: skip
         config = _config(MockConfig, **common, **paced, provider=provider, once=once)
-    _run(config, as_json=as_json, quiet=quiet)
+    _run(config, as_json=as_json, quiet=quiet, receipts=receipts)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -123,7 +123,7 @@ def proxy(**options: Any) -> None:
     """
     from sserelay.http.config import ProxyConfig
 
-    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    as_json, quiet, receipts = _view_options(options)
     common = _common(options, ledger_by_default=True)
     force, append = options.pop("force"), options.pop("append")
     if force and append:
@@ -132,7 +132,12 @@ def proxy(**options: Any) -> None:
         raise click.UsageError(f"{'--force' if force else '--append'} goes with --record")
     mode = "overwrite" if force else "append" if append else "new"
     config = _config(ProxyConfig, **common, **options, record_mode=mode)
-    _run(config, as_json=as_json, quiet=quiet)
+    _run(config, as_json=as_json, quiet=quiet, receipts=receipts)
+
+
+def _view_options(options: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """--json, --quiet (the live view) and receipts (not --no-receipts), taken out."""
+    return options.pop("as_json"), options.pop("quiet"), not options.pop("no_receipts")
 
 
 def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, Any]:
@@ -165,6 +170,8 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
         "ledger": ledger,
         "checkpoint": options.pop("checkpoint"),
         "keys": options.pop("keys"),
+        "admin_token": options.pop("admin_token"),
+        "metrics": not options.pop("no_metrics"),
     }
 
 
@@ -183,7 +190,7 @@ def _hint(field: str | None) -> str | None:
     return None if flag is None else f"'{flag}'"
 
 
-def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
+def _run(config: Config, *, as_json: bool, quiet: bool, receipts: bool) -> NoReturn:
     """Run `config` with the live view on stderr, then print the bill and exit."""
     from rich.console import Console
 
@@ -194,7 +201,7 @@ def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
     _fill_closed_std_fds()
     said: list[str] = []
     try:
-        result = run_event_loop(_serve_live(config, console, quiet, said))
+        result = run_event_loop(_serve_live(config, console, quiet, receipts, said))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint=_hint(exc.field)) from None
     except SSERelayError as exc:
@@ -205,28 +212,50 @@ def _run(config: Config, *, as_json: bool, quiet: bool) -> NoReturn:
     _finish(console, result, as_json, said)
 
 
-async def _serve_live(config: Config, console: Console, quiet: bool, said: list[str]) -> RunResult:
-    from sserelay.cli.display import LiveCounter, Receipts, format_active
-    from sserelay.http.config import MockConfig, ProxyConfig
+async def _serve_live(
+    config: Config, console: Console, quiet: bool, receipts: bool, said: list[str]
+) -> RunResult:
+    from sserelay.cli.display import LiveCounter, Receipts, format_in_flight
+    from sserelay.http.config import MockConfig, ProxyConfig, ServeConfig
     from sserelay.http.run import run
 
     per_request = isinstance(config, MockConfig | ProxyConfig)
     once = per_request and config.once  # type: ignore[union-attr]
-    observers = [] if quiet or not per_request else [Receipts(console, errors=not once)]
+    observers = [Receipts(console, errors=not once)] if receipts and per_request else []
     live: list[LiveCounter] = []
+    # The source is typed on this terminal: say how to end it, and keep the counter off the
+    # line being typed.
+    typing = (
+        isinstance(config, ServeConfig | MockConfig)
+        and config.source == "-"
+        and not config.command  # serve -- CMD reads the command, not the terminal
+        and sys.stdin is not None
+        and sys.stdin.isatty()
+    )
 
     def on_ready(running: Running) -> None:
         kept = "" if running.ledger is None else f" (usage ledger: {running.ledger})"
-        for line in [f"serving on {running.url}{kept}", *running.notes]:
+        lines = [f"serving on {running.url}{kept}", *running.notes]
+        if typing:
+            lines.append("reading the terminal: type lines, Ctrl-D to end")
+        for line in lines:
             console.print(f"sserelay: {line}", highlight=False, markup=False)
 
-        def rows() -> list[str]:
-            now = running.now()
-            active = [format_active(client, now) for client in running.active()]
-            return active[:8] + ([f"... and {len(active) - 8} more"] if len(active) > 8 else [])
+        def rows(width: int | None) -> list[str]:
+            return format_in_flight(running.active(), running.now(), width)
+
+        def progress() -> int:
+            # What the stream has sent: the furthest client's events (a client that joins
+            # late and gets the history does not move it).
+            return max((client.events for client in running.active()), default=0)
 
         counter = LiveCounter(
-            console, running.totals, quiet=quiet, rows=rows if running.per_request else None
+            console,
+            running.totals,
+            quiet=quiet,
+            rows=rows if running.per_request else None,
+            typing=typing,
+            progress=progress,
         )
         counter.start()
         live.append(counter)

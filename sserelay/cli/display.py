@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
@@ -22,6 +25,26 @@ from sserelay.metering.usage import Usage
 
 def format_count(n: float) -> str:
     return f"{n:,.0f}"
+
+
+def format_compact(n: float) -> str:
+    """A count in at most 6 columns: as is below 10,000, else `12.3k`, `4.5M`, `6.7G`, `8.9T`."""
+    if n < 10_000:
+        return format_count(n)
+    for unit in ("k", "M", "G", "T"):
+        n /= 1000
+        if n < 999.95 or unit == "T":
+            return f"{n:.1f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def format_short_cost(cost: float) -> str:
+    """A cost in few columns: 4 significant digits below 1, cents up to 100, units above."""
+    if cost >= 100:
+        return f"{cost:,.0f}"
+    if cost >= 1:
+        return f"{cost:.2f}"
+    return f"{cost:.4g}" if cost >= 0.0001 else format_cost(cost)
 
 
 def format_bytes(n: int) -> str:
@@ -37,16 +60,92 @@ def format_cost(cost: float | None) -> str:
     return "-" if cost is None else f"{cost:.6f}".rstrip("0").rstrip(".") or "0"
 
 
-def format_totals(totals: Totals) -> str:
-    """One line of live figures."""
-    line = (
-        f"{format_count(totals.tokens)} tokens · {format_count(totals.events)} events · "
-        f"{format_bytes(totals.bytes)} · {totals.tokens_per_s:,.1f} tok/s · "
-        f"{totals.elapsed_s:.1f} s · clients {totals.active_clients}/{totals.clients}"
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One labelled figure of a live line: its forms, longest first, and its rank (0 is the
+    most important: the last to be shortened or dropped)."""
+
+    rank: int
+    forms: tuple[str, ...]
+
+
+#: Fields of this rank or more important are shortened before any of them is dropped.
+ESSENTIAL = 2
+SEPARATOR = " · "
+
+
+def fit_fields(fields: list[Field], width: int | None, separator: str = SEPARATOR) -> str:
+    """`fields` joined in their order, in at most `width` columns (None: no limit): the least
+    important fields are dropped first, then the essential ones shortened, then dropped. A
+    field is never cut: a line that does not fit loses whole fields."""
+    forms = dict.fromkeys(range(len(fields)), 0)
+
+    def line() -> str:
+        return separator.join(fields[i].forms[form] for i, form in sorted(forms.items()))
+
+    def fits() -> bool:
+        return width is None or cell_len(line()) <= width
+
+    by_rank = sorted(range(len(fields)), key=lambda i: fields[i].rank, reverse=True)
+    for i in by_rank:  # drop the unessential
+        if fits():
+            return line()
+        if fields[i].rank > ESSENTIAL:
+            del forms[i]
+    for i in by_rank:  # shorten the essential
+        while not fits() and i in forms and forms[i] + 1 < len(fields[i].forms):
+            forms[i] += 1
+    for i in by_rank:  # drop them too, keeping one
+        if fits() or len(forms) == 1:
+            break
+        forms.pop(i, None)
+    return line()
+
+
+def totals_fields(totals: Totals) -> list[Field]:
+    """The live figures, labelled, in the order they are shown."""
+    served = format_count(totals.clients)
+    connected = format_count(totals.active_clients)
+    compact = f"clients {format_compact(totals.active_clients)}/{format_compact(totals.clients)}"
+    tokens = (f"tokens {format_count(totals.tokens)}", f"tokens {format_compact(totals.tokens)}")
+    clients = (
+        f"clients {connected} connected / {served} served",
+        f"clients {connected}/{served}",
+        compact,
     )
+    fields = [
+        Field(0, tokens),
+        Field(3, (f"{totals.tokens_per_s:,.1f} tok/s",)),
+        Field(1, clients),
+    ]
     if totals.cost is not None:
-        line += f" · cost {format_cost(totals.cost)}"
-    return line
+        costs = (f"cost {format_cost(totals.cost)}", f"cost {format_short_cost(totals.cost)}")
+        fields.append(Field(2, costs))
+    fields += [
+        Field(5, (f"events {format_count(totals.events)}",)),
+        Field(6, (format_bytes(totals.bytes),)),
+        Field(4, (f"{totals.elapsed_s:.1f} s",)),
+    ]
+    return fields
+
+
+def format_totals(totals: Totals, width: int | None = None) -> str:
+    """One line of live figures, in at most `width` columns (see fit_fields)."""
+    return fit_fields(totals_fields(totals), width)
+
+
+def format_live_line(totals: Totals, width: int | None = None) -> str:
+    """The live line: `sserelay: ` and the figures, the prefix dropped first when narrow."""
+    prefix = "sserelay: "
+    if width is None:
+        return prefix + format_totals(totals)
+    fields = totals_fields(totals)
+    with_prefix = fit_fields(fields, width - len(prefix))
+    without = fit_fields(fields, width)
+    # The prefix goes first: it says the least.
+    if cell_len(without) > cell_len(with_prefix) or cell_len(prefix + with_prefix) > width:
+        return without
+    return prefix + with_prefix
 
 
 def format_bill(bill: Bill, ledger: str | None = None) -> str:
@@ -73,12 +172,17 @@ def format_bill(bill: Bill, ledger: str | None = None) -> str:
         usage = ", ".join(f"{k}={v}" for k, v in bill.upstream_usage.to_dict().items())
         rows.append(f"  upstream    {usage}")
     for c in bill.clients:
-        rows.append(
-            f"  client {c.id:<4} {c.peer or '-':<22} {format_count(c.tokens):>10} tokens "
-            f"{format_count(c.events):>8} events {format_count(c.bytes):>12} bytes  {c.reason}"
-        )
+        rows.append(format_client_row(c))
         if c.request is not None:  # a proxied or mocked request
-            rows.append(f"              {format_request(c)}")
+            rows.extend(
+                textwrap.wrap(
+                    format_request(c),
+                    BILL_WIDTH,
+                    initial_indent="    ",
+                    subsequent_indent="      ",
+                    break_on_hyphens=False,
+                )
+            )
     if bill.rows_omitted:
         where = f" are in the ledger {ledger}" if ledger else " are not listed"
         rows.append(f"  clients     {format_count(bill.client_count)} (their rows{where})")
@@ -89,6 +193,20 @@ def format_bill(bill: Bill, ledger: str | None = None) -> str:
     elif not bill.clients:
         rows.append("  no client connected")
     return "\n".join(rows)
+
+
+#: The bill's rows fit a terminal this wide.
+BILL_WIDTH = 80
+
+
+def format_client_row(c: ClientBill) -> str:
+    """A client's row of the bill: 80 columns with an IPv4 peer, under 100M tokens and 1M
+    events (a bill lists at most MAX_BILL_ROWS clients: ids of 3 digits)."""
+    peer = c.peer or "-"
+    return (
+        f"  client {c.id:<3} {peer:<21} {format_count(c.tokens):>10} tok "
+        f"{format_count(c.events):>6} ev  {c.reason}"
+    )
 
 
 def format_group(figures: dict[str, float | int | None]) -> str:
@@ -166,20 +284,94 @@ def format_receipt(c: ClientBill, error: str | None = None) -> str:
 RECONCILE = 0.10
 
 
-def format_active(client: ClientMeter, now: float) -> str:
-    """A live row for a request still being proxied."""
-    elapsed = now - client.opened_at
-    rate = client.tokens / elapsed if elapsed > 0 else 0.0
-    request = client.request
-    what = "-" if request is None else f"{request.method} {request.path or '/'}"
-    return (
-        f"{what} {client.model or '-'} · {format_count(client.tokens)} tokens · {rate:,.1f} tok/s"
-    )
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A column of the in-flight table: its title, rank (0: dropped last), alignment."""
+
+    title: str
+    rank: int
+    right: bool = False
+
+
+IN_FLIGHT_COLUMNS = (
+    Column("in flight", 5),
+    Column("key", 3),
+    Column("model", 0),
+    Column("tokens", 1, right=True),
+    Column("tok/s", 4, right=True),
+    Column("s", 2, right=True),
+)
+#: The widest a model or key name is shown (longer ones end in `…`).
+NAME_WIDTH = 24
+
+
+def _short(text: str, width: int = NAME_WIDTH) -> str:
+    return text if cell_len(text) <= width else text[: width - 1] + "…"
+
+
+def format_in_flight(
+    clients: list[ClientMeter], now: float, width: int | None = None, limit: int = 8
+) -> list[str]:
+    """The in-flight table (proxy, serve --as): a title row and a row per request, columns
+    dropped least important first so every row fits `width`; past `limit` requests, a row
+    says how many more."""
+    if not clients:
+        return []
+    cells = []
+    for client in clients[:limit]:
+        elapsed = max(0.0, now - client.opened_at)
+        request = client.request
+        what = "-" if request is None else f"{request.method} {request.path or '/'}"
+        cells.append(
+            [
+                _short(what, 28),
+                _short(client.key or "-"),
+                _short(client.model or "-"),
+                format_count(client.tokens),
+                f"{client.tokens / elapsed if elapsed > 0 else 0.0:,.1f}",
+                f"{elapsed:.1f}",
+            ]
+        )
+    keep = list(range(len(IN_FLIGHT_COLUMNS)))
+    if not any(client.key for client in clients):
+        keep.remove(1)  # no keys in use: no column for them
+
+    def render() -> list[str]:
+        widths = {
+            i: max(cell_len(IN_FLIGHT_COLUMNS[i].title), *(cell_len(row[i]) for row in cells))
+            for i in keep
+        }
+
+        def row(values: list[str]) -> str:
+            parts = []
+            for i in keep:
+                pad = widths[i] - cell_len(values[i])
+                right = IN_FLIGHT_COLUMNS[i].right
+                parts.append(" " * pad + values[i] if right else values[i] + " " * pad)
+            return "  " + "  ".join(parts).rstrip()
+
+        return [row([c.title for c in IN_FLIGHT_COLUMNS]), *(row(values) for values in cells)]
+
+    lines = render()
+    by_rank = sorted(keep, key=lambda i: IN_FLIGHT_COLUMNS[i].rank, reverse=True)
+    for i in by_rank[:-1]:
+        if width is None or max(cell_len(line) for line in lines) <= width:
+            break
+        keep.remove(i)
+        lines = render()
+    if len(clients) > limit:
+        lines.append(f"  … and {len(clients) - limit} more")
+    return lines
 
 
 class LiveCounter:
-    """The running figures on stderr: a rich live line on a terminal, a plain
-    line every `plain_interval` seconds otherwise, nothing when quiet."""
+    """The running figures on stderr: a rich live view on a terminal (the in-flight table of
+    `rows`, then the totals, fitted to the terminal's width), a plain line every
+    `plain_interval` seconds otherwise, nothing when quiet.
+
+    With `typing` (stdin is the terminal the source is typed on), a live view would redraw
+    over the line being typed: instead a plain line is printed each time `progress` (what the
+    stream has sent) moves, which is right after a line was entered."""
 
     def __init__(
         self,
@@ -188,27 +380,40 @@ class LiveCounter:
         *,
         quiet: bool = False,
         plain_interval: float = 10.0,
-        rows: Callable[[], list[str]] | None = None,
+        rows: Callable[[int | None], list[str]] | None = None,
+        typing: bool = False,
+        progress: Callable[[], int] | None = None,
     ) -> None:
         self._console = console
         self._totals = totals
         self._rows = rows
         self._quiet = quiet
         self._plain_interval = plain_interval
+        self._typing = typing
+        self._progress = progress
         self._live: Live | None = None
         self._ticker: asyncio.Task[None] | None = None
 
+    def _width(self) -> int:
+        # One column spare: a line that fills the last column makes some terminals wrap.
+        return max(20, self._console.width - 1)
+
     def _render(self) -> Text:
-        text = Text("sserelay: " + format_totals(self._totals()), style="bold cyan")
-        # One row per active request (proxy), under the totals; only on a terminal.
-        for row in self._rows() if self._rows is not None else []:
-            text.append("\n  " + row, style="cyan")
+        width = self._width()
+        text = Text(no_wrap=True, overflow="crop")
+        # The requests in flight (proxy, serve --as), above the totals; only on a terminal.
+        for row in self._rows(width) if self._rows is not None else []:
+            text.append(row + "\n", style="cyan")
+        text.append(format_live_line(self._totals(), width), style="bold cyan")
         return text
 
     def start(self) -> None:
         if self._quiet:
             return
-        if self._console.is_terminal:
+        loop = asyncio.get_running_loop()
+        if self._console.is_terminal and self._typing:
+            self._ticker = loop.create_task(self._follow_typing())
+        elif self._console.is_terminal:
             self._live = Live(
                 get_renderable=self._render,
                 console=self._console,
@@ -217,7 +422,7 @@ class LiveCounter:
             )
             self._live.start()
         else:
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+            self._ticker = loop.create_task(self._tick())
 
     async def _tick(self) -> None:
         last = None
@@ -228,7 +433,18 @@ class LiveCounter:
             if figures == last:
                 continue  # an idle relay does not fill a log with the same line
             last = figures
-            self._console.print("sserelay: " + format_totals(totals), highlight=False)
+            self._console.print(format_live_line(totals), highlight=False, markup=False)
+
+    async def _follow_typing(self) -> None:
+        progress = self._progress or (lambda: self._totals().events)
+        last = progress()
+        while True:
+            await asyncio.sleep(0.1)
+            now = progress()
+            if now != last:
+                last = now
+                line = format_live_line(self._totals(), self._width())
+                self._console.print(line, highlight=False, markup=False, style="cyan")
 
     async def stop(self) -> None:
         if self._live is not None:

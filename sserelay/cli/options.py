@@ -155,7 +155,10 @@ common_options = apply(
                type=click.IntRange(0, 65535), help="Port to listen on; 0 picks a free one."),
         option("--json", "as_json", env="JSON", is_flag=True,
                help="Print the bill as one JSON object."),
-        option("--quiet", "-q", env="QUIET", is_flag=True, help="No live counter on stderr."),
+        option("--quiet", "-q", env="QUIET", is_flag=True,
+               help="No live view on stderr (receipts stay: --no-receipts)."),
+        option("--no-receipts", env="NO_RECEIPTS", is_flag=True,
+               help="No receipt line on stderr as each request ends (serve --as, proxy)."),
         option("--tokenizer", env="TOKENIZER", metavar="NAME",
                type=click.Choice([*tokenizer_names(), "list"]), callback=_tokenizer_list,
                help="How tokens are counted: whitespace (words), chars, o200k_base or "
@@ -186,6 +189,12 @@ common_options = apply(
                help="A TOML keys file: clients must present a key (Bearer, x-api-key, "
                "?token=); each key may have budgets, a rate limit and a model list, "
                "enforced mid-stream."),
+        option("--admin-token", env="ADMIN_TOKEN", metavar="TOKEN",
+               help="Serve /metrics, /usage and the dashboard's figures only to requests that "
+               "present TOKEN (as --auth-token is presented) [default: loopback clients only]."),
+        option("--no-metrics", env="NO_METRICS", is_flag=True,
+               help="Serve no /metrics, /usage or dashboard figures (a proxy then forwards "
+               "those paths upstream)."),
         option("--checkpoint", env="CHECKPOINT", type=Finite(open_low=True), default=1.0,
                show_default=True, metavar="SECONDS",
                help="Save open rows' figures to the ledger this often (what a crash can lose)."),

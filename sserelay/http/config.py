@@ -64,6 +64,11 @@ class RunConfig:
     checkpoint: float = 1.0
     #: a TOML keys file: who may connect, with budgets and rate limits (see metering/keys.py)
     keys: str | None = None
+    #: serve `/metrics`, `/usage` and the dashboard's figures (off: a proxy forwards those
+    #: paths upstream like any other)
+    metrics: bool = True
+    #: what a request must present to read them; None: loopback clients only
+    admin_token: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -79,6 +84,8 @@ class RunConfig:
         _finite("checkpoint", self.checkpoint, open_low=True)
         if self.ledger is not None and not self.ledger.strip():
             raise ConfigError("the ledger target is empty", "ledger")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ConfigError("the admin token is empty", "admin_token")
         access = self.access
         if access.token is not None and not access.token.strip():
             raise ConfigError("the token is empty", "auth_token")

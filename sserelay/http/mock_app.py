@@ -216,8 +216,10 @@ class Mock(Endpoint):
         try:
             passes = await text.open()
         except SourceError as exc:
+            client.update_request(status=500)
             await answer_error(send, 500, str(exc), self.provider)
             return Reason.INPUT_ERROR, str(exc)
+        client.update_request(status=200)  # the status the answer goes out with
         sink = ASGISink(receive, send, scope)
         if request.stream:
             frames = self._stream(answer, passes, prompt_tokens, counter, tokenizer.holds_back)

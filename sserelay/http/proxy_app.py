@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncGenerator, Callable
 
 from starlette.applications import Starlette
@@ -66,14 +67,43 @@ from sserelay.streaming.stream import relay_frames
 from sserelay.wire.frames import Frames
 
 
+class _Moment(asyncio.Event):
+    """An Event that notes when it was first set (perf_counter seconds)."""
+
+    at: float | None = None
+
+    def set(self) -> None:
+        if self.at is None:
+            self.at = time.perf_counter()
+        super().set()
+
+
 class _WatchedSink(ASGISink):
     """An ASGISink whose disconnect the proxy watches itself, from the moment
     the request body is in: a client that leaves while the upstream is still
     connecting must close that connection too. Only that watcher may read
-    `receive`, so the sink waits for it to set `gone`."""
+    `receive`, so the sink waits for it to set `gone`. `left_at` is when the
+    proxy learned the client had left (a watcher's read, or a write refused)."""
+
+    def __init__(self, receive: Receive, send: Send, scope: Scope) -> None:
+        super().__init__(receive, send, scope)
+        self._gone = _Moment()
+        self.gone = self._gone
+        self.left_at: float | None = None
+
+    async def flush(self) -> bool:
+        delivered = await super().flush()
+        if not delivered and self.left_at is None:
+            self.left_at = time.perf_counter()
+        return delivered
 
     async def wait_disconnected(self) -> None:
         await self.gone.wait()
+
+    @property
+    def left(self) -> float | None:
+        moments = [at for at in (self.left_at, self._gone.at) if at is not None]
+        return min(moments, default=None)
 
 
 class Proxy(Endpoint):
@@ -95,6 +125,7 @@ class Proxy(Endpoint):
         access: Access | None = None,
         redactor: Redactor | None = None,
         keys: Keys | None = None,
+        on_upstream_closed: Callable[[float], None] | None = None,
     ) -> None:
         PayloadMeter(payload)  # an unknown kind is a ValueError now, not per request
         super().__init__(meter, access=access, once=once, keys=keys)
@@ -106,6 +137,8 @@ class Proxy(Endpoint):
         self.heartbeat = heartbeat
         self.recorder = recorder
         self.redactor = redactor or Redactor(upstream.secrets)
+        #: hears how long the upstream took to close after its client left (seconds)
+        self.on_upstream_closed = on_upstream_closed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -296,6 +329,8 @@ class Proxy(Endpoint):
                     await watcher
             if response is not None:
                 await response.aclose()
+            if self.on_upstream_closed is not None and sink.left is not None:
+                self.on_upstream_closed(time.perf_counter() - sink.left)
             if relay is not None:
                 self._settle(client, relay)
 

@@ -28,6 +28,7 @@ from sserelay.http.access import Keys
 from sserelay.http.config import Config, MockConfig, ProxyConfig, ServeConfig
 from sserelay.http.endpoint import Endpoint
 from sserelay.http.mock_app import COMPLETION_PATHS, Mock, create_mock_app
+from sserelay.http.monitor import Monitor, Spent
 from sserelay.http.proxy_app import Proxy, create_proxy_app
 from sserelay.http.replay_app import Player, create_player_app
 from sserelay.http.server import bound_address, listen, serve_app
@@ -95,6 +96,7 @@ class Running:
         meter: Meter,
         endpoint: Endpoint,
         ledger: str | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.url = url
         self.notes = notes
@@ -102,6 +104,8 @@ class Running:
         self.ledger = ledger
         self._meter = meter
         self._endpoint = endpoint
+        #: the run's live figures (/metrics, /usage, the dashboard), if they are served
+        self.monitor = monitor
         #: whether each client is a request with its own receipt (`serve --as`, `proxy`)
         self.per_request = not isinstance(endpoint, StreamSession)
 
@@ -157,7 +161,7 @@ async def run(
             on_ready,
             handle_signals,
             sock,
-            None if ledger is None else ledger.display,
+            ledger,
             keys,
         )
         bill = meter.bill(endpoint.reason or Reason.INTERRUPTED)
@@ -179,12 +183,17 @@ async def _serve_until_done(
     on_ready: Callable[[Running], None] | None,
     handle_signals: bool,
     sock: socket.socket | None,
-    ledger: str | None,
+    ledger: _LedgerUse | None,
     keys: Keys | None,
 ) -> tuple[Endpoint, list[int]]:
     """Serve `config` until its endpoint finishes; the endpoint and the signals seen."""
-    async with _serving(config, tokenizer, meter, warnings) as (endpoint, app, notes):
+    async with (
+        _serving(config, tokenizer, meter, warnings) as (endpoint, app, notes),
+        _monitoring(config, tokenizer, meter, endpoint, ledger, keys) as monitor,
+    ):
         endpoint.keys = keys
+        if monitor is not None:
+            app = monitor.wrap(app)
         if sock is None:
             sock = listen(config.host, config.port)
         signals: list[int] = []
@@ -197,7 +206,8 @@ async def _serve_until_done(
             if on_ready is not None:
                 url = bound_address(sock).url
                 said = [note.replace("{url}", url.rstrip("/")) for note in notes]
-                on_ready(Running(url, said, meter, endpoint, ledger))
+                display = None if ledger is None else ledger.display
+                on_ready(Running(url, said, meter, endpoint, display, monitor))
 
         await serve_app(
             app,
@@ -289,12 +299,53 @@ class _Unpriced(MeterObserver):
 
 
 class _LedgerUse:
-    """The run's ledger, as run() reports it."""
+    """The run's ledger, as run() reports it (and /usage reads it)."""
 
     def __init__(self, ledger: QueuedLedger) -> None:
         self.ledger = ledger
         self.display = ledger.display
+        self.spent: Spent = ledger.spent
         self.unwritten = 0
+
+
+@contextlib.asynccontextmanager
+async def _monitoring(
+    config: Config,
+    tokenizer: Tokenizer,
+    meter: Meter,
+    endpoint: Endpoint,
+    ledger: _LedgerUse | None,
+    keys: Keys | None,
+) -> AsyncIterator[Monitor | None]:
+    """The run's /metrics, /usage and dashboard (None with `metrics` off), sampling from
+    before the server listens until it has stopped."""
+    if not config.metrics:
+        yield None
+        return
+    if isinstance(config, ServeConfig):
+        mode, page = "serve", None  # the stream app serves /ui, with the source's settings
+    else:
+        mode = "mock" if isinstance(config, MockConfig) else "proxy"
+        page = ui_page(tokenizer=tokenizer.name, chunk="line", payloads="", mode=mode)
+    monitor = Monitor(
+        meter,
+        endpoint,
+        mode=mode,
+        tokenizer=tokenizer.name,
+        page=page,
+        admin_token=config.admin_token,
+        spent=None if ledger is None else ledger.spent,
+        ledger=None if ledger is None else ledger.display,
+        # sserelay_budget_remaining and /usage's budgets, once keys have budgets
+        budgets=None if keys is None else keys.budgets.status,
+    )
+    if isinstance(endpoint, Proxy):
+        endpoint.on_upstream_closed = monitor.tally.upstream_closed
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        await monitor.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -457,7 +508,7 @@ async def _serve_source(
         access=config.access,
         linger=config.linger,
     )
-    page = ui_page(tokenizer=tokenizer.name, chunk=config.chunk, payloads=payloads)
+    page = ui_page(tokenizer=tokenizer.name, chunk=config.chunk, payloads=payloads, mode="serve")
     if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
         # For the leak tests only; not an option, not documented to users.
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _print_tasks)
@@ -576,7 +627,10 @@ async def _proxy(
         )
     except ValueError as exc:
         raise ConfigError(str(exc), "upstream") from None
-    secrets = [*upstream.secrets, *([config.access.token] if config.access.token else [])]
+    secrets = [
+        *upstream.secrets,
+        *(token for token in (config.access.token, config.admin_token) if token),
+    ]
     redactor = Redactor(secrets)
     recorder = None
     notes = [f"proxying to {upstream.display}"]

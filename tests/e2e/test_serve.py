@@ -418,7 +418,7 @@ def test_live_counter_runs_on_a_terminal(tmp_path: Path) -> None:
         assert proc.wait(timeout=10) == 0
         assert proc.stdout is not None
         assert json.loads(proc.stdout.read())["tokens"] == 3
-        wait_until(lambda: read_screen() or b"3 tokens" in screen, timeout=5)
+        wait_until(lambda: read_screen() or b"tokens 3" in screen, timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()

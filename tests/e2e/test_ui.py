@@ -7,6 +7,7 @@ its stdin, so it sees the text grow and checks the counters against what was ser
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import json
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -118,6 +120,22 @@ class Page:
 
     def goto(self, url: str) -> None:
         self._call("Page.navigate", url=url)
+
+    def size(self, width: int, height: int) -> None:
+        self._call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+
+    def screenshot(self, path: Path) -> Path:
+        """A PNG of the page as it is now, kept at `path` (the path is printed)."""
+        data = self._call("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        print(f"screenshot: {path}")
+        return path
 
     def evaluate(self, expression: str) -> Any:
         result = self._call("Runtime.evaluate", expression=expression, returnByValue=True)
@@ -261,9 +279,9 @@ def test_the_page_shows_every_event_as_it_arrives_and_the_right_counts(
     assert (bill["reason"], bill["events"], bill["tokens"]) == ("complete", len(lines), tokens)
     assert [(c["events"], c["tokens"]) for c in bill["clients"]] == [(len(lines), tokens)]
 
-    # Over: the page waits to reconnect, and its rate holds still (it is refreshed every
+    # Over: the page says so (no reconnecting), and its rate holds still (it is refreshed every
     # 0.5 s, so two refreshes go by before it is read again).
-    ended = page.wait_for({"status": "reconnecting"})
+    ended = page.wait_for({"status": "done"})
     assert float(ended["rate"]) > 0
     held_since = time.monotonic()
     wait_until(lambda: time.monotonic() - held_since > 1.1, timeout=2)
@@ -298,7 +316,7 @@ def test_the_page_passes_its_token_on_and_shows_a_refusal(
     source.write_text("one two\nthree\n")
     running: Relay = relay("serve", str(source), "--keep", "--auth-token", "s3cret")
     page.goto(running.url + "ui")
-    page.wait_for({"status": "closed", "events": "0", "text": ""})  # 401: no reconnect
+    page.wait_for({"status": "a token is needed", "events": "0", "text": ""})  # 401
     page.goto(running.url + "ui?token=s3cret")
     page.wait_for({"events": "2", "tokens": "3", "lastId": "2", "text": "one two\nthree\n"})
 
@@ -354,6 +372,189 @@ def test_the_page_shows_the_text_of_a_replayed_recording_and_its_bill(
     page.goto(running.url + "ui")
     bill = running.bill()
     assert bill["tokens"] == (len(text) if tokenizer == "chars" else count_tokens(text))
-    shown = page.wait_for({"events": str(bill["events"]), "status": "reconnecting"})  # ended
+    shown = page.wait_for({"events": str(bill["events"]), "status": "done"})  # ended
     assert (shown["text"], shown["tokens"]) == (text, str(bill["tokens"]))
+    assert page.errors() == []
+
+
+# --------------------------------------------------------------------------- the dashboard
+
+#: The dashboard's figures and tables, read in one go.
+BOARD = """(() => {
+  const shown = (id) => { const e = document.getElementById(id); return e && e.textContent; };
+  const rows = (id) => [...document.querySelectorAll(`#${id} tbody tr`)]
+    .map((tr) => [...tr.cells].map((td) => td.textContent));
+  return {
+    status: shown("status"), message: shown("message"), title: document.title,
+    requests: shown("requests"), active: shown("active"), tokens: shown("tokens"),
+    clients: shown("clients"), served: shown("served"), ttft: shown("ttft"), cost: shown("cost"),
+    ticks: Number(document.body.dataset.ticks || 0),
+    byKey: rows("by-key"), byModel: rows("by-model"), recent: rows("recent"),
+    markup: document.querySelectorAll("#board img, #board script, #board a").length,
+  };
+})()"""
+
+#: Pixels of a canvas that a chart coloured (saturated colours: not the grey grid, not text).
+PAINTED = """((id) => {
+  const canvas = document.getElementById(id);
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let painted = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    const [r, g, b, a] = [data[i], data[i + 1], data[i + 2], data[i + 3]];
+    if (a > 40 && Math.max(r, g, b) - Math.min(r, g, b) > 60) painted += 1;
+  }
+  return painted / (canvas.width * canvas.height);
+})"""
+
+HOSTILE_MODEL = "<img src=x onerror=\"document.title='pwned'\">"
+
+
+def board(page: Page) -> dict[str, Any]:
+    """The dashboard's state, or the error while it cannot tell (it is navigating)."""
+    try:
+        state: dict[str, Any] = page.evaluate(BOARD)
+    except DevToolsError as exc:
+        return {"error": str(exc), "ticks": 0}
+    return state
+
+
+def wait_board(page: Page, check: Any, what: str) -> dict[str, Any]:
+    """The dashboard's state once `check(state)` holds; fails with what it shows."""
+    last: dict[str, Any] = {}
+
+    def holds() -> bool:
+        nonlocal last
+        last = board(page)
+        return "error" not in last and bool(check(last))
+
+    try:
+        wait_until(holds, timeout=PAGE_TIMEOUT, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"the dashboard never showed {what}; it shows {last}") from None
+    return last
+
+
+def painted(page: Page, canvas: str) -> float:
+    share: float = page.evaluate(f"{PAINTED}({json.dumps(canvas)})")
+    return share
+
+
+def money(cost: float | None) -> str:
+    return "-" if cost is None else f"{cost:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+def table_of(groups: dict[str, Any]) -> list[list[str]]:
+    """A /usage per-key or per-model table, as the dashboard shows it."""
+    return [
+        [name, f"{g['requests']:,}", f"{g['active']:,}", f"{g['tokens']:,}", money(g["cost"])]
+        for name, g in groups.items()
+    ]
+
+
+def next_tick(page: Page) -> None:
+    """Wait for the dashboard's next tick (a second apart), so the chart gets a new point."""
+    ticks = board(page)["ticks"]
+    wait_board(page, lambda s: s["ticks"] > ticks, "another tick")
+
+
+def test_the_serve_dashboard_charts_the_stream_and_shows_what_usage_says(
+    relay: Any, page: Page, tmp_path: Path
+) -> None:
+    running: Relay = relay("serve", "--keep", "--price", "2", "--json", "--quiet")
+    page.size(1280, 720)
+    page.goto(running.url + "ui")
+    page.wait_for({"status": "streaming"})
+    for i in range(4):  # a line a tick: the chart gets points with tokens in them
+        running.feed(f"line {i} has <b>six</b> words in it\n")
+        page.wait_for({"events": str(i + 1)})
+        next_tick(page)
+    next_tick(page)  # the stream is idle now: every figure is final
+    usage = httpx.get(running.url + "usage", timeout=10).json()
+    totals = usage["totals"]
+    shown = wait_board(
+        page,
+        lambda s: s["served"] == f"{totals['requests']:,}" and s["cost"] == money(totals["cost"]),
+        "the figures of /usage",
+    )
+    assert (shown["clients"], totals["active"]) == ("1", 1)
+    assert shown["tokens"] == str(totals["tokens"]) == "28"
+    assert shown["ttft"] != "-" and totals["time_to_first_token_s"] is not None
+    assert painted(page, "chart-rate") > 0.01  # the line and its fill drew
+    shot = page.screenshot(tmp_path / "serve-dashboard.png")
+    assert shot.stat().st_size > 10_000
+
+    running.signal(signal.SIGINT)
+    page.wait_for({"status": "done"})
+    assert running.bill()["reason"] == "interrupted"
+    assert (board(page)["markup"], board(page)["title"]) == (0, "sserelay")
+    assert page.errors() == []
+
+
+def test_the_requests_dashboard_shows_tables_and_charts_equal_to_usage(
+    relay: Any, page: Page, tmp_path: Path
+) -> None:
+    source = tmp_path / "answer.txt"
+    source.write_text("Paris is the capital of France.\nIt is on the Seine.\n")
+    running: Relay = relay(
+        "serve", str(source), "--as", "openai", "--price", "3", "--rate", "400", "--no-ledger"
+    )
+    page.size(1280, 900)
+    page.goto(running.url + "ui")
+    page.wait_for({"status": "live"})
+    url = running.url + "v1/chat/completions"
+    models = ["gpt-4o-mini", "claude-sonnet", HOSTILE_MODEL]
+    with httpx.Client(timeout=10) as client:
+        for model in models:  # a round a tick: the chart gets points with tokens in them
+            for stream in (True, False):
+                body: dict[str, Any] = {"model": model, "stream": stream}
+                body["messages"] = [{"role": "user", "content": "hi"}]
+                answer = client.post(url, json=body)
+                assert answer.status_code == 200
+            next_tick(page)
+        # One client that leaves mid-stream.
+        leaving = {"model": "gpt-4o-mini", "messages": [], "stream": True}
+        with client.stream("POST", url, json=leaving) as response:
+            next(response.iter_lines())
+    wait_until(
+        lambda: httpx.get(running.url + "usage", timeout=10).json()["totals"]["requests"] == 7
+    )
+    next_tick(page)
+    usage = httpx.get(running.url + "usage", timeout=10).json()
+    totals = usage["totals"]
+    shown = wait_board(
+        page, lambda s: s["requests"] == "7" and s["active"] == "0", "the seven requests"
+    )
+    assert shown["tokens"] == f"{totals['tokens']:,}" and shown["cost"] == money(totals["cost"])
+    assert shown["byModel"] == table_of(usage["by_model"])
+    assert shown["byKey"] == [["none yet"]]
+    assert len(shown["recent"]) == 7
+    assert [row[-1] for row in shown["recent"]].count("client_disconnected") == 1
+    assert HOSTILE_MODEL in [row[2] for row in shown["recent"]]  # as text
+    assert (shown["markup"], shown["title"]) == (0, "sserelay")  # never as markup
+    assert painted(page, "chart-rate") > 0.01
+    assert painted(page, "chart-reasons") > 0.01
+    page.screenshot(tmp_path / "requests-dashboard.png")
+    assert page.errors() == []
+
+    running.signal(signal.SIGINT)
+    page.wait_for({"status": "done"})
+    assert running.wait() == 130
+
+
+def test_the_dashboard_of_a_protected_relay_asks_for_its_token(
+    relay: Any, page: Page, tmp_path: Path
+) -> None:
+    source = tmp_path / "answer.txt"
+    source.write_text("one two\n")
+    running: Relay = relay(
+        "serve", str(source), "--as", "openai", "--admin-token", "adm1n", "--no-ledger"
+    )
+    page.goto(running.url + "ui")
+    shown = wait_board(page, lambda s: s["status"] == "a token is needed", "a token is needed")
+    assert "/ui?token=" in shown["message"]
+    page.goto(running.url + "ui?token=wrong")
+    shown = wait_board(page, lambda s: s["status"] == "a token is needed", "a refusal")
+    assert "refused" in shown["message"]
+    page.goto(running.url + "ui?token=adm1n")
+    wait_board(page, lambda s: s["status"] == "live" and s["ticks"] > 0, "live figures")
     assert page.errors() == []
