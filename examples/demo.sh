@@ -5,21 +5,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 sserelay=${SSERELAY:-.venv/bin/sserelay}
 [ -x "$sserelay" ] || sserelay=sserelay
-log=$(mktemp)
-trap 'rm -f "$log"; kill "$relay" 2>/dev/null || true' EXIT
+trap 'kill "${relay:-}" 2>/dev/null || true' EXIT
+# A free port chosen here, so sserelay's stderr stays this terminal: its live counter (tokens,
+# events, tokens/s, clients, cost) shows as the stream goes, above the events curl prints.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+url="http://127.0.0.1:$port/"
 
 # One line every 0.15 s, like a model producing text.
 while IFS= read -r line; do printf '%s\n' "$line"; sleep 0.15; done < examples/tokens.txt |
-  "$sserelay" serve --port 0 2> >(tee "$log" >&2) &
+  "$sserelay" serve --port "$port" &
 relay=$!
 
-url=""
 for _ in $(seq 100); do
-  url=$(grep -o 'http://[^ ]*/' "$log" || true)
-  [ -n "$url" ] && break
+  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "healthz")' \
+    "$url" 2>/dev/null && break
   sleep 0.1
 done
-[ -n "$url" ] || { echo "demo: sserelay did not start" >&2; exit 1; }
 
 echo "demo: reading $url" >&2
 if command -v curl >/dev/null; then

@@ -27,6 +27,11 @@ def format_count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 token`, `2 tokens`, `1,000 events`: the count and its noun, singular for one."""
+    return f"{format_count(n)} {noun}{'' if n == 1 else 's'}"
+
+
 def format_compact(n: float) -> str:
     """A count in at most 6 columns: as is below 10,000, else `12.3k`, `4.5M`, `6.7G`, `8.9T`."""
     if n < 10_000:
@@ -213,8 +218,8 @@ def format_group(figures: dict[str, float | int | None]) -> str:
     """A model's or a key's sums, in one line."""
     cost = figures.get("cost")
     line = (
-        f"{format_count(figures.get('requests') or 0)} requests "
-        f"{format_count(figures.get('tokens') or 0)} tokens "
+        f"{counted(int(figures.get('requests') or 0), 'request')} "
+        f"{counted(int(figures.get('tokens') or 0), 'token')} "
         f"{format_count(figures.get('bytes') or 0)} bytes"
     )
     return line if cost is None else f"{line} cost {format_cost(float(cost))}"
@@ -265,8 +270,8 @@ def format_receipt(c: ClientBill, error: str | None = None) -> str:
     time it ended and its request id first, so it can go to a file or journald."""
     ended = format_moment(c.started_wall + c.duration_s)
     line = (
-        f"{ended} {c.request_id} {format_request(c)} · {format_count(c.tokens)} tokens · "
-        f"{format_count(c.events)} events · {format_bytes(c.bytes)} · {c.duration_s:.3f} s · "
+        f"{ended} {c.request_id} {format_request(c)} · {counted(c.tokens, 'token')} · "
+        f"{counted(c.events, 'event')} · {format_bytes(c.bytes)} · {c.duration_s:.3f} s · "
         f"{c.reason}"
     )
     apart = c.apart

@@ -121,13 +121,19 @@ class Totals:
     tokens: int
     events: int
     bytes: int
+    #: seconds since the first byte any client got (0 before it)
     elapsed_s: float
     active_clients: int
     clients: int
     cost: float | None
+    #: tokens per second over the last few seconds (RATE_WINDOW), not since the start: a
+    #: proxy idle for an hour still shows what it does now
+    recent_rate: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
+        if self.recent_rate is not None:
+            return self.recent_rate
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 

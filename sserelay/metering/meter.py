@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -201,6 +202,8 @@ class ClientMeter:
         )
 
 
+#: Seconds the live tokens/s is measured over.
+RATE_WINDOW = 10.0
 #: A bill lists each client's row up to this many clients; past it, totals and per-model
 #: and per-key sums (the rows themselves are in the ledger). Memory stays flat however
 #: long a relay runs.
@@ -296,6 +299,8 @@ class Meter:
         self._opened = 0
         self._observers: list[MeterObserver] = []
         self._on_write: tuple[OnWrite, ...] = ()
+        self._first_at: float | None = None
+        self._samples: deque[tuple[float, int]] = deque()
 
     @property
     def price_per_million(self) -> float | None:
@@ -343,6 +348,9 @@ class Meter:
         """Close `client` with `reason` (the first reason wins) and tell the observers, once."""
         client.close(reason, error)
         bill = client.bill(self._clock(), self.pricing)
+        first = client.first_event_at
+        if first is not None and (self._first_at is None or first < self._first_at):
+            self._first_at = first
         if self._open.pop(client.id, None) is not None:
             self._fold(bill)
             for observer in self._observers:
@@ -373,15 +381,37 @@ class Meter:
         cost = self.ended.cost
         if any(c is not None for c in costs):
             cost = round((cost or 0.0) + sum(c for c in costs if c is not None), 10)
+        now = self._clock()
+        first = self._first_byte_at()
         return Totals(
             tokens=tokens,
             events=self.ended.events + sum(c.events for c in open_clients),
             bytes=self.ended.bytes + sum(c.bytes for c in open_clients),
-            elapsed_s=self._clock() - self.started_at,
+            elapsed_s=0.0 if first is None else now - first,
             active_clients=sum(1 for c in open_clients if c.active),
             clients=self._opened,
             cost=cost,
+            recent_rate=self._recent_rate(now, tokens),
         )
+
+    def _first_byte_at(self) -> float | None:
+        """When the first client got its first byte: the run is measured from there (a
+        relay that waits an hour for its first client has not been streaming for an hour)."""
+        firsts = [c.first_event_at for c in self._open.values() if c.first_event_at is not None]
+        if self._first_at is not None:
+            firsts.append(self._first_at)
+        return min(firsts) if firsts else None
+
+    def _recent_rate(self, now: float, tokens: int) -> float | None:
+        """Tokens per second over the last RATE_WINDOW seconds of totals() calls (the live
+        view asks several times a second); None until two samples are RATE_WINDOW apart
+        or more than a second apart."""
+        samples = self._samples
+        samples.append((now, tokens))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
+            samples.popleft()
+        then, before = samples[0]
+        return (tokens - before) / (now - then) if now - then >= 1.0 else None
 
     def bill(self, reason: str) -> Bill:
         """Close the account. Clients still open are closed with `reason`."""
@@ -391,12 +421,15 @@ class Meter:
         for client in list(self._open.values()):
             self.close(client, reason)
         ended = self.ended
+        first = self._first_byte_at()
         return Bill(
             reason=Reason(reason),
             tokens=ended.tokens,
             events=ended.events,
             bytes=ended.bytes,
-            duration_s=round(now - self.started_at, 6),
+            # From the first client's first byte, not the start: a client that connects
+            # 5 s in does not make the run 5 s long, nor its tokens/s five times lower.
+            duration_s=0.0 if first is None else round(now - first, 6),
             time_to_first_event_s=ended.first_event_s,
             tokenizer=self.tokenizer,
             price_per_million=self.price_per_million,

@@ -172,7 +172,7 @@ def test_bill_totals_are_sums_over_clients(clock: FakeClock) -> None:
     assert bill.tokens == sum(client.tokens for client in bill.clients)
     assert bill.events == sum(client.events for client in bill.clients)
     assert bill.bytes == sum(client.bytes for client in bill.clients)
-    assert bill.duration_s == pytest.approx(10.0)  # from the meter's start, by the injected clock
+    assert bill.duration_s == pytest.approx(7.0)  # issue 18: from the first byte, at 1003.0
     assert bill.time_to_first_event_s == pytest.approx(0.5)  # the minimum of the clients'
     assert [c.time_to_first_event_s for c in bill.clients] == [
         pytest.approx(2.0),
@@ -180,7 +180,7 @@ def test_bill_totals_are_sums_over_clients(clock: FakeClock) -> None:
     ]
     assert [c.duration_s for c in bill.clients] == [pytest.approx(9.0), pytest.approx(6.0)]
     assert bill.tokenizer == "chars"
-    assert bill.tokens_per_s == pytest.approx(1.3)
+    assert bill.tokens_per_s == pytest.approx(13 / 7, abs=1e-3)
 
 
 def test_bill_without_clients(clock: FakeClock) -> None:
@@ -189,7 +189,7 @@ def test_bill_without_clients(clock: FakeClock) -> None:
     bill = meter.bill("interrupted")
     assert (bill.tokens, bill.events, bill.bytes, bill.clients) == (0, 0, 0, ())
     assert bill.time_to_first_event_s is None
-    assert bill.duration_s == pytest.approx(2.0)
+    assert bill.duration_s == 0.0  # no client got a byte: nothing was streamed
     assert bill.cost == 0.0
 
 
@@ -302,7 +302,7 @@ def test_to_dict_has_the_documented_keys(clock: FakeClock) -> None:
     assert set(data) >= BILL_KEYS
     assert "upstream_usage" not in data  # only when the upstream reported one
     assert (data["tokens"], data["events"], data["bytes"]) == (11, 4, 150)
-    assert data["duration_s"] == pytest.approx(2.0)
+    assert data["duration_s"] == pytest.approx(1.5)  # from the first byte, at 1000.5
     assert (data["reason"], data["tokenizer"]) == ("complete", "whitespace")
     assert data["cost"] == pytest.approx(11 * 1.5 / 1e6)
     assert [set(client) >= CLIENT_KEYS for client in data["clients"]] == [True, True]
