@@ -126,3 +126,27 @@ def test_help_mentions_the_environment() -> None:
         check=True,
     ).stdout
     assert "SSERELAY_PORT" in out and "SSERELAY_KEEP" in out
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_an_unreachable_upstream_is_an_error_the_sdk_can_read(relay: Any, sdk: str) -> None:
+    proxy: Relay = relay("proxy", "--upstream", "http://127.0.0.1:9/", "--once", "--json")
+    message: str
+    if sdk == "openai":
+        client = openai.OpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        message = raised.value.message
+        assert raised.value.status_code == 502
+    else:
+        import anthropic
+
+        other = anthropic.Anthropic(base_url=proxy.url.rstrip("/"), api_key="k", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            other.messages.create(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
+        message = failed.value.message
+        assert failed.value.status_code == 502
+    assert "sserelay: upstream error" in message and "refused the connection" in message
+    assert proxy.bill()["reason"] == "upstream_error"
