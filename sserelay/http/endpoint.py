@@ -85,6 +85,10 @@ class Endpoint:
         if not self.open:
             self._finish(Reason.INTERRUPTED)
 
+    def redact(self, text: str) -> str:
+        """`text` with every secret the endpoint knows masked (a client's error, a receipt)."""
+        return text
+
     def _interrupted(self) -> None:
         """What else a subclass stops on interrupt (the hub's reader)."""
 
@@ -191,7 +195,7 @@ class Endpoint:
                     client.allowance.charge_input(cost)
                 client.allowance.close()
             reason, error = outcome
-            bill = self.meter.close(client, reason, error)
+            bill = self.meter.close(client, reason, None if error is None else self.redact(error))
             self._ended(bill)
         return bill
 

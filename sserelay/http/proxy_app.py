@@ -169,20 +169,10 @@ class Proxy(Endpoint):
             key=key,
         )
 
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        client: ClientMeter,
-        api: str,
-        key: Key | None,
-    ) -> Outcome:
-        outcome = await self._relay(scope, receive, send, client, api, key)
-        reason, error = outcome
-        return reason, None if error is None else self.redactor.redact(error)
+    def redact(self, text: str) -> str:
+        return self.redactor.redact(text)
 
-    async def _relay(
+    async def _forward(
         self,
         scope: Scope,
         receive: Receive,

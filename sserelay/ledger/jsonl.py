@@ -12,10 +12,8 @@ file. No fsync: a power cut may lose the last writes, as with SQLite's synchrono
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,35 +23,19 @@ from .base import MAX_QUEUED, Clock, QueuedLedger, Warn, utc_now
 from .errors import LedgerError, one_line
 from .row import UsageRow
 from .schema import is_dead
-from .store import StoreUnavailable, Write, make_parents
+from .store import FileStore, StoreUnavailable, Write, make_parents
 
 T = TypeVar("T")
 
 
-class JSONLinesStore:
+class JSONLinesStore(FileStore):
     """The `Store` over one JSON Lines file; file I/O runs in one worker thread."""
 
     def __init__(self, path: Path, warn: Warn) -> None:
-        self._path = path
+        super().__init__(path)
         self._warn = warn
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sserelay-ledger")
         self._fd: int | None = None
         self._instance: str | None = None
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def display(self) -> str:
-        return str(self._path)
-
-    @property
-    def fallback_dir(self) -> Path | None:
-        return self._path.parent
-
-    async def _run(self, call: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _append(self, records: Sequence[dict[str, Any]]) -> None:
         if self._fd is None:

@@ -12,14 +12,12 @@ corrupted by it. That is the trade a ledger checkpointed every second can take.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import operator
 import os
 import socket
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -37,7 +35,7 @@ from .schema import (
     spent_sql,
     upsert_sql,
 )
-from .store import StoreUnavailable, Write, make_parents
+from .store import FileStore, StoreUnavailable, Write, make_parents
 
 T = TypeVar("T")
 
@@ -131,30 +129,14 @@ def _row(values: Sequence[object]) -> UsageRow:
     return UsageRow(**named)
 
 
-class SQLiteStore:
+class SQLiteStore(FileStore):
     """The `Store` over one SQLite file; every method hops to the worker thread."""
 
     def __init__(self, path: Path, *, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
-        self._path = path
+        super().__init__(path)
         self._busy_timeout = busy_timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sserelay-ledger")
         self._connection: sqlite3.Connection | None = None
         self.journal_mode = ""
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def display(self) -> str:
-        return str(self._path)
-
-    @property
-    def fallback_dir(self) -> Path | None:
-        return self._path.parent
-
-    async def _run(self, call: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def _guarded(self, call: Callable[[sqlite3.Connection], T]) -> T:
         """Run `call` with the connection in the worker; a database error (disk full, I/O

@@ -6,17 +6,20 @@ outage queue, retries, the fallback file) is written once, in `base.py`.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from .row import UsageRow
 
 WriteKind = Literal["start", "checkpoint", "finish"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +106,28 @@ def make_parents(path: Path) -> None:
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
     path.parent.mkdir(parents=True, exist_ok=True)
+
+
+class FileStore:
+    """What a store kept in one file shares: its path (also what is shown, and where a
+    fallback file goes) and one worker thread that does all of its file I/O, in order, so
+    the event loop never waits on a disk."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sserelay-ledger")
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def display(self) -> str:
+        return str(self._path)
+
+    @property
+    def fallback_dir(self) -> Path | None:
+        return self._path.parent
+
+    async def _run(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
