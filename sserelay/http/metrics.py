@@ -35,7 +35,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from sserelay import __version__
 from sserelay.metering.budget import KeyStatus
-from sserelay.metering.tally import HistogramView, Tally, View
+from sserelay.metering.figures import HistogramView, View
+from sserelay.metering.tally import Tally
 
 #: What a run's budgets say about each key, for `sserelay_budget_remaining` (issue 14 wires
 #: `Budgets.status`); called at each scrape with the time (Unix seconds).

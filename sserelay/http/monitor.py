@@ -45,9 +45,10 @@ from sserelay.http.metrics import BudgetStatus, RunCollector, exposition, new_re
 from sserelay.http.stream_app import UI_HEADERS
 from sserelay.ledger.errors import LedgerError
 from sserelay.metering.budget import period_start
+from sserelay.metering.figures import View
 from sserelay.metering.keys import Period
 from sserelay.metering.meter import ClientMeter, Meter
-from sserelay.metering.tally import Tally, View
+from sserelay.metering.tally import Tally
 from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 from sserelay.wire.frames import Frames
 from sserelay.wire.sse import Event, encode_event

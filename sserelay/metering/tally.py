@@ -22,13 +22,18 @@ Two rules make the figures safe to expose:
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from sserelay.metering.bill import ClientBill, Totals
+from sserelay.metering.bill import ClientBill
+from sserelay.metering.figures import (
+    Figures,
+    Group,
+    Histogram,
+    RecentRequest,
+    View,
+    add_cost,
+    add_count,
+)
 from sserelay.metering.meter import OTHER, ClientMeter, Meter, MeterObserver
 from sserelay.metering.usage import Usage
 
@@ -51,213 +56,6 @@ DURATION_BOUNDS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.
 CLOSE_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 
 
-class Group(NamedTuple):
-    """The labels of a series: a key and a model, "" where there is none (a `serve`
-    client has no model; a run without keys has no key), `other` past the bounds. (A tuple:
-    hashed and compared in C, for views over thousands of open clients.)"""
-
-    key: str
-    model: str
-
-
-@dataclass(frozen=True, slots=True)
-class Figures:
-    """One group's sums: what its clients were written (metered), what they cost (None:
-    nothing priced), and what the upstream reported (None: never reported)."""
-
-    tokens: int = 0
-    events: int = 0
-    bytes: int = 0
-    cost: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_tokens: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HistogramView:
-    """A histogram at one moment: cumulative counts per upper bound (the last is +Inf),
-    the sum and the count of what was observed."""
-
-    buckets: tuple[tuple[float, int], ...]
-    sum: float
-    count: int
-
-
-class Histogram:
-    """Counts of observations per bucket (`le` semantics: a value equal to a bound is in it)."""
-
-    __slots__ = ("bounds", "count", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        at = bisect_left(self.bounds, value)
-        if at < len(self.counts):
-            self.counts[at] += 1
-        self.sum += value
-        self.count += 1
-
-    def view(self) -> HistogramView:
-        running = 0
-        buckets = []
-        for bound, count in zip(self.bounds, self.counts, strict=True):
-            running += count
-            buckets.append((bound, running))
-        buckets.append((float("inf"), self.count))
-        return HistogramView(tuple(buckets), self.sum, self.count)
-
-
-@dataclass(frozen=True, slots=True)
-class RecentRequest:
-    """A row of the dashboard's table: one client or request that ended."""
-
-    request_id: str
-    #: when it ended, as a time of day (Unix seconds)
-    ended_wall: float
-    key: str | None
-    model: str | None
-    status: int | None
-    tokens: int
-    events: int
-    cost: float | None
-    duration_s: float
-    time_to_first_event_s: float | None
-    reason: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "id": self.request_id,
-            "ended": round(self.ended_wall, 3),
-            "key": self.key,
-            "model": self.model,
-            "status": self.status,
-            "tokens": self.tokens,
-            "events": self.events,
-            "cost": self.cost,
-            "duration_s": self.duration_s,
-            "time_to_first_event_s": self.time_to_first_event_s,
-            "reason": self.reason,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class GroupSums:
-    """A key's or a model's sums in a view: its requests (ended), the ones open now, and
-    its figures (ended and open together)."""
-
-    requests: int
-    active: int
-    tokens: int
-    events: int
-    bytes: int
-    cost: float | None
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        return {
-            "requests": self.requests,
-            "active": self.active,
-            "tokens": self.tokens,
-            "events": self.events,
-            "bytes": self.bytes,
-            "cost": self.cost,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class View:
-    """Every live figure at one moment: ended clients and open ones together."""
-
-    totals: Totals
-    #: figures per (key, model)
-    groups: dict[Group, Figures]
-    #: ended clients per (key, model), reason and status ("" when none is known)
-    requests: dict[tuple[Group, str, str], int]
-    #: clients streaming now, per (key, model)
-    active: dict[Group, int]
-    ttft: dict[Group, HistogramView]
-    duration: dict[Group, HistogramView]
-    close_after_disconnect: HistogramView
-    #: clients (or requests) that have ended
-    served: int
-    #: requests that were asked for a model (proxy, serve --as): per-model sums apply
-    per_request: bool = False
-    recent: tuple[RecentRequest, ...] = field(default=())
-
-    def by_reason(self) -> dict[str, int]:
-        """Ended clients per reason."""
-        out: dict[str, int] = {}
-        for (_, reason, _), count in self.requests.items():
-            out[reason] = out.get(reason, 0) + count
-        return out
-
-    @property
-    def clients(self) -> int:
-        """Clients streaming now."""
-        return sum(self.active.values())
-
-    def by_key(self) -> dict[str, GroupSums]:
-        """Sums per key name, over the clients that presented one."""
-        return self._sums(lambda group: group.key or None)
-
-    def by_model(self) -> dict[str, GroupSums]:
-        """Sums per model (`-` for a request that named none), over requests only."""
-        if not self.per_request:
-            return {}
-        return self._sums(lambda group: group.model or "-")
-
-    def _sums(self, name_of: Callable[[Group], str | None]) -> dict[str, GroupSums]:
-        acc: dict[str, _GroupAcc] = {}
-        for group, figures in self.groups.items():
-            name = name_of(group)
-            if name is not None:
-                acc.setdefault(name, _GroupAcc()).add(figures)
-        for (group, _, _), count in self.requests.items():
-            name = name_of(group)
-            if name is not None:
-                acc.setdefault(name, _GroupAcc()).requests += count
-        for group, count in self.active.items():
-            name = name_of(group)
-            if name is not None:
-                acc.setdefault(name, _GroupAcc()).active += count
-        return {name: found.sums() for name, found in sorted(acc.items())}
-
-
-class _GroupAcc:
-    __slots__ = ("active", "bytes", "cost", "events", "requests", "tokens")
-
-    def __init__(self) -> None:
-        self.requests = self.active = self.tokens = self.events = self.bytes = 0
-        self.cost: float | None = None
-
-    def add(self, figures: Figures) -> None:
-        self.tokens += figures.tokens
-        self.events += figures.events
-        self.bytes += figures.bytes
-        self.cost = _add_cost(self.cost, figures.cost)
-
-    def sums(self) -> GroupSums:
-        return GroupSums(
-            self.requests, self.active, self.tokens, self.events, self.bytes, self.cost
-        )
-
-
-def _add_cost(total: float | None, cost: float | None) -> float | None:
-    if cost is None:
-        return total
-    return round((total or 0.0) + cost, 10)
-
-
-def _add_count(total: int | None, count: int | None) -> int | None:
-    if count is None:
-        return total
-    return (total or 0) + count
-
-
 class _Sums:
     """A group's running sums (mutable; a view copies them)."""
 
@@ -276,14 +74,14 @@ class _Sums:
         self.tokens += part[0]
         self.events += part[1]
         self.bytes += part[2]
-        self.cost = _add_cost(self.cost, part[3])
+        self.cost = add_cost(self.cost, part[3])
 
     def add_usage(self, usage: Usage | None) -> None:
         if usage is None:
             return
-        self.input = _add_count(self.input, usage.input_tokens)
-        self.output = _add_count(self.output, usage.output_tokens)
-        self.cached = _add_count(self.cached, getattr(usage, "cached_tokens", None))
+        self.input = add_count(self.input, usage.input_tokens)
+        self.output = add_count(self.output, usage.output_tokens)
+        self.cached = add_count(self.cached, getattr(usage, "cached_tokens", None))
 
     def figures(self, extra: _Part | None = None) -> Figures:
         tokens, events, nbytes, cost = self.tokens, self.events, self.bytes, self.cost
@@ -291,7 +89,7 @@ class _Sums:
             tokens += extra[0]
             events += extra[1]
             nbytes += extra[2]
-            cost = _add_cost(cost, extra[3])
+            cost = add_cost(cost, extra[3])
         return Figures(tokens, events, nbytes, cost, self.input, self.output, self.cached)
 
 
@@ -306,7 +104,7 @@ def _minus(a: _Part, b: _Part) -> _Part:
 
 
 def _plus(a: _Part, b: _Part) -> _Part:
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2], _add_cost(a[3], b[3]))
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2], add_cost(a[3], b[3]))
 
 
 def _at_least(a: _Part, floor: _Part) -> _Part:
@@ -566,21 +364,3 @@ def _recent(bill: ClientBill) -> RecentRequest:
         time_to_first_event_s=bill.time_to_first_event_s,
         reason=str(bill.reason),
     )
-
-
-def total_figures(groups: Iterable[Figures]) -> Figures:
-    """The sum of several groups' figures."""
-    tokens = events = nbytes = 0
-    cost: float | None = None
-    inputs: int | None = None
-    outputs: int | None = None
-    cached: int | None = None
-    for figures in groups:
-        tokens += figures.tokens
-        events += figures.events
-        nbytes += figures.bytes
-        cost = _add_cost(cost, figures.cost)
-        inputs = _add_count(inputs, figures.input_tokens)
-        outputs = _add_count(outputs, figures.output_tokens)
-        cached = _add_count(cached, figures.cached_tokens)
-    return Figures(tokens, events, nbytes, cost, inputs, outputs, cached)

@@ -6,17 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sserelay.metering.bill import RequestFacts
+from sserelay.metering.figures import Figures, Group, Histogram, View, total_figures
 from sserelay.metering.meter import ClientMeter, Meter, MeterObserver
 from sserelay.metering.pricing import Pricing
-from sserelay.metering.tally import (
-    CLOSE_BOUNDS,
-    Figures,
-    Group,
-    Histogram,
-    Tally,
-    View,
-    total_figures,
-)
+from sserelay.metering.tally import CLOSE_BOUNDS, Tally
 from sserelay.metering.usage import Usage
 
 
