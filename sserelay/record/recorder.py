@@ -26,9 +26,9 @@ from sserelay.record.format import (
     end_line,
     file_line,
     kept_headers,
-    read_recording,
     record_lines,
 )
+from sserelay.record.reading import read_recording
 from sserelay.secrecy import Redactor
 
 #: How `Recorder` treats a file that exists: refuse it, overwrite it, or add to it.

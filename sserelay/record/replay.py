@@ -27,7 +27,8 @@ from collections.abc import AsyncIterator, Sequence
 from sserelay.errors import ConfigError, RecordingError, SourceError
 from sserelay.metering.tokens import Tokenizer
 from sserelay.providers.payloads import PayloadMeter, whole_answer
-from sserelay.record.format import Block, Exchange, Recording, is_recording, read_recording
+from sserelay.record.format import Block, Exchange, Recording, is_recording
+from sserelay.record.reading import read_recording
 from sserelay.sources.text import TimedBatch
 from sserelay.wire.chunking import LineSplitter, Utf8Stream
 

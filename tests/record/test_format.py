@@ -28,10 +28,10 @@ from sserelay.record.format import (
     file_line,
     is_recording,
     kept_headers,
-    read_recording,
     record_lines,
     split_blocks,
 )
+from sserelay.record.reading import read_recording
 from sserelay.streaming.relays import EventRelay
 
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"

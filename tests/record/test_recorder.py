@@ -17,8 +17,8 @@ from sserelay.record.format import (
     body_sha256,
     end_line,
     file_line,
-    read_recording,
 )
+from sserelay.record.reading import read_recording
 from sserelay.record.recorder import Recorder
 from sserelay.record.replay import load_recording
 from sserelay.secrecy import Redactor
