@@ -10,7 +10,7 @@
     report = await ledger.close()         # LedgerCloseReport: unwritten rows, fallback file
 
 Backends: SQLite (a path; the default), PostgreSQL (a `postgresql://` URL, the extra
-`sserelay[postgres]`), JSON Lines (a path ending in `.jsonl`). See `base.py` for what
+`sserelay[postgres]`), JSON Lines (a path ending in `.jsonl`). See `queued.py` for what
 happens when the storage is lost mid-run.
 """
 
@@ -23,13 +23,13 @@ from sserelay.metering.meter import is_valid_request_id, new_request_id
 from .base import (
     Ledger,
     LedgerCloseReport,
-    QueuedLedger,
     Warn,
     default_state_dir,
     new_instance_id,
 )
 from .errors import LedgerError
 from .jsonl import JSONLinesLedger
+from .queued import QueuedLedger
 from .row import UsageRow
 from .sqlite import SQLiteLedger
 

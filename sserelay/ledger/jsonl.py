@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import lines
-from .base import MAX_QUEUED, Clock, QueuedLedger, Warn, utc_now
+from .base import MAX_QUEUED, Clock, Warn, utc_now
 from .errors import LedgerError, one_line
+from .queued import QueuedLedger
 from .row import UsageRow
 from .schema import is_dead
 from .store import FileStore, StoreUnavailable, Write, make_parents

@@ -7,7 +7,7 @@ Each batch of writes is one transaction of `INSERT ... ON CONFLICT` upserts (sen
 pipeline). Heartbeats and the staleness of a heartbeat use the server's clock, so instances
 on hosts whose clocks disagree still judge each other alive or dead alike.
 
-A server lost mid-run is the queue's business (`base.py`): this store turns every database
+A server lost mid-run is the queue's business (`queued.py`): this store turns every database
 error or timeout into StoreUnavailable, drops the connection, and connects anew next time.
 """
 
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .base import MAX_QUEUED, Clock, QueuedLedger, Warn, utc_now
+from .base import MAX_QUEUED, Clock, Warn, utc_now
 from .errors import LedgerError
+from .queued import QueuedLedger
 from .row import UsageRow
 from .schema import (
     USAGE_COLUMNS,

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
 
-from .base import MAX_QUEUED, Clock, QueuedLedger, Warn, utc_now
+from .base import MAX_QUEUED, Clock, Warn, utc_now
 from .errors import LedgerError, one_line
+from .queued import QueuedLedger
 from .row import TIMESTAMP_COLUMNS, UsageRow, format_timestamp, parse_timestamp
 from .schema import (
     USAGE_COLUMNS,

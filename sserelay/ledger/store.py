@@ -1,7 +1,7 @@
 """What a ledger backend (SQLite, PostgreSQL, JSON Lines) does, under `QueuedLedger`.
 
 A `Store` only talks to its storage; the queue in front of it (group commit, the bounded
-outage queue, retries, the fallback file) is written once, in `base.py`.
+outage queue, retries, the fallback file) is written once, in `queued.py`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A client's row is written when it opens, checkpointed with its figures so far ev
 `checkpoint` seconds while it streams (all open rows in one transaction, and only those
 that changed), and finished with its final figures when the meter closes it. The writes
 run in tasks of their own: nothing here is on the per-event path, and a slow or lost
-store never holds a stream up (the ledger queues, retries and spills; see base.py).
+store never holds a stream up (the ledger queues, retries and spills; see queued.py).
 Each checkpoint also beats this instance's heartbeat, by which another instance knows it
 is alive (and, once it is not, closes its open rows as `crashed`).
 """
@@ -20,8 +20,9 @@ from sserelay.metering.bill import ClientBill
 from sserelay.metering.meter import ClientMeter, MeterObserver
 from sserelay.metering.usage import Usage
 
-from .base import LedgerCloseReport, QueuedLedger
+from .base import LedgerCloseReport
 from .errors import LedgerError
+from .queued import QueuedLedger
 from .row import UsageRow
 
 #: The cost of an open client's figures so far (the run's pricing).
