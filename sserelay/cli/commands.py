@@ -215,7 +215,8 @@ def _run(config: Config, *, as_json: bool, quiet: bool, receipts: bool) -> NoRet
 async def _serve_live(
     config: Config, console: Console, quiet: bool, receipts: bool, said: list[str]
 ) -> RunResult:
-    from sserelay.cli.display import LiveCounter, Receipts, format_in_flight
+    from sserelay.cli.display import format_in_flight
+    from sserelay.cli.live import LiveCounter, Receipts
     from sserelay.http.config import MockConfig, ProxyConfig, ServeConfig
     from sserelay.http.run import run
 
