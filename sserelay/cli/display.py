@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rich.cells import cell_len
+from rich.console import Console
 
 from sserelay.metering.bill import Bill, ClientBill, Totals
 from sserelay.metering.meter import ClientMeter
@@ -360,3 +361,16 @@ def format_in_flight(
     if len(clients) > limit:
         lines.append(f"  … and {len(clients) - limit} more")
     return lines
+
+
+#: The width a table on stdout gets when stdout is not a terminal: wide enough that no column
+#: of `sserelay usage` or `keys status` is cut (a pipe or a file has no width to fit).
+UNBOUNDED_WIDTH = 1000
+
+
+def table_console() -> Console:
+    """The Console that prints a report's table on stdout: fitted to a terminal, uncut elsewhere."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=UNBOUNDED_WIDTH)
+    return console

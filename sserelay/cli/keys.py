@@ -110,8 +110,9 @@ def _iso(moment: float) -> str:
 
 
 def _print_table(rows: list[KeyStatus]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from sserelay.cli.display import table_console
 
     table = Table(title="keys", title_justify="left")
     for header in ("key", "period", "budget", "spent", "remaining", "resets", "tokens/min"):
@@ -133,7 +134,7 @@ def _print_table(rows: list[KeyStatus]) -> None:
             str(data["resets_at"] or "-"),
             rate,
         )
-    Console(highlight=False).print(table)
+    table_console().print(table)
 
 
 def _pair(tokens: object, cost: object) -> str:

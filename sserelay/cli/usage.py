@@ -92,9 +92,9 @@ def usage(
 
 
 def _print_table(groups: list[Group], shown: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from sserelay.cli.display import table_console
     from sserelay.ledger.report import FIGURES, table_rows
 
     headers, rows = table_rows(groups)
@@ -104,4 +104,4 @@ def _print_table(groups: list[Group], shown: str) -> None:
         table.add_column(header, justify="left" if index < first_figure else "right")
     for index, row in enumerate(rows):
         table.add_row(*row, end_section=index == len(rows) - 2)
-    Console(highlight=False).print(table)
+    table_console().print(table)

@@ -229,9 +229,10 @@ def budget_message(client: ClientMeter) -> str:
     if key.budget_cost is not None:
         budgets.append(f"a cost of {key.budget_cost:g}")
     period = "" if key.period.value == "total" else f" {key.period.value}"
+    # Not "has spent it": a stream is also cut when what is left is less than its next event.
     return (
-        f"budget exhausted: key {key.name!r} has spent its{period} budget of "
-        f"{' and '.join(budgets) or 'tokens'}"
+        f"budget exhausted: the next event would take key {key.name!r} past its{period} "
+        f"budget of {' and '.join(budgets) or 'tokens'}"
     )
 
 

@@ -249,9 +249,11 @@ def test_usage_prints_a_table_with_a_totals_row_and_csv(relay: Any, tmp_path: Pa
         text=True,
         timeout=30,
         check=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={name: value for name, value in os.environ.items() if name != "COLUMNS"},
     ).stdout
     assert "TOTAL" in table and f"{bill['tokens']:,}" in table
+    # Piped, the table is not fitted to 80 columns: no header is cut to "outp…".
+    assert "output_tokens" in table and "cached_tokens" in table and "…" not in table
     csv = subprocess.run(
         [sys.executable, "-m", "sserelay", "usage", "--ledger", ledger, "--by", "model", "--csv"],
         capture_output=True,
