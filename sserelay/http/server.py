@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import signal
 import socket
@@ -195,7 +196,7 @@ class _HttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         self.scope["extensions"]["sserelay.connection"] = {
             "open": lambda: not cycle.disconnected,
-            "write": lambda body: _write_body(cycle, body),
+            "write": functools.partial(_write_body, cycle),
         }
 
     def on_message_complete(self) -> None:

@@ -179,7 +179,18 @@ class Response:
                 return b""
             if self._error is not None:
                 raise self._error
-            await self._wait()
+            # _wait(), inlined: this is once per relayed event.
+            loop = self._loop
+            waiter = self._waiter = loop.create_future()
+            if self._read_timeout is not None:
+                self._wait_since = loop.time()
+                if self._timer is None:
+                    deadline = self._wait_since + self._read_timeout
+                    self._timer = loop.call_at(deadline, self._timer_fired)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     async def wait_head(self) -> None:
         """Return once the final head (status and headers) is in."""
