@@ -20,8 +20,10 @@ from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
 
-#: The ASGI extension our server adds (http/server.py): whether the connection still takes
-#: what is sent, answered synchronously, right after a send.
+#: The ASGI extension our server adds (http/server.py): `open()`, whether the connection
+#: still takes what is sent, answered synchronously, right after a send; `write(body)`, a
+#: piece of the body written straight to the transport (True: taken, False: the connection
+#: is gone, None: not now, use `send`).
 CONNECTION_EXTENSION = "sserelay.connection"
 #: The ASGI extension whose `abort()` closes the connection at once with a reset.
 ABORT_EXTENSION = "sserelay.abort"
@@ -35,13 +37,16 @@ class ASGISink:
     `gone` is set once the client has disconnected, and stays set. The sink learns of it by
     reading `receive` in wait_disconnected(), which relay_frames() runs for as long as the
     stream; on our own server it also asks the connection right after each send, which makes
-    a flush exact with no extra turn of the event loop."""
+    a flush exact with no extra turn of the event loop. There a flush also skips ASGI `send`
+    and writes to the transport itself while the transport is not paused (the response's
+    start and end, and every write while it is paused, still go through `send`)."""
 
     def __init__(self, receive: Receive, send: Send, scope: Scope | None = None) -> None:
         self._receive = receive
         self._send = send
         self._buffer: list[bytes] = []
         self._connected = _extension(scope, CONNECTION_EXTENSION, "open")
+        self._write_now = _extension(scope, CONNECTION_EXTENSION, "write")
         self.status = 200
         self.started = False
         self.accepted = False
@@ -60,6 +65,13 @@ class ASGISink:
         body = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
         self._buffer.clear()
         self.accepted = False
+        if self._write_now is not None:
+            # Straight to the transport, synchronously: the transport took the bytes or
+            # the connection was gone, and no cancel can land in between.
+            taken = self._write_now(body)
+            if taken is not None:
+                self.accepted = bool(taken)
+                return self.accepted
         # uvicorn may wait for the socket to drain before it writes; nothing is written if
         # a cancel lands there.
         await self._send({"type": "http.response.body", "body": body, "more_body": True})
@@ -85,7 +97,7 @@ class ASGISink:
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _extension(scope: Scope | None, name: str, key: str) -> Callable[[], Any] | None:
+def _extension(scope: Scope | None, name: str, key: str) -> Callable[..., Any] | None:
     found = (scope or {}).get("extensions", {}).get(name, {}).get(key)
     return found if callable(found) else None
 

@@ -382,10 +382,12 @@ class Proxy(Endpoint):
         """What each upstream read completes, for relay_frames() to write in one
         flush; `record` is given each write once the client has it."""
         payload = relay.payload
+        model = None
         async for chunk in response.chunks():
             frames = relay.decode(chunk)
-            if payload.model is not None:
-                client.update_request(model=payload.model)
+            if payload.model != model:  # once per request, as a rule, not once per read
+                model = payload.model
+                client.update_request(model=model)
             if frames.payload:
                 yield frames
                 # relay_frames asks for more only once these were flushed to the client.

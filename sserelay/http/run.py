@@ -634,6 +634,8 @@ async def _proxy(
     redactor = Redactor(secrets)
     recorder = None
     notes = [f"proxying to {upstream.display}"]
+    if (variable := upstream.ignored_proxy) is not None:
+        notes.append(f"{variable} is set but not used: the upstream is reached directly")
     try:
         if config.record is not None:
             recorder = Recorder(config.record, redactor=redactor, mode=config.record_mode)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import signal
 import socket
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from sserelay.errors import ListenError, SSERelayError
 
@@ -115,7 +116,9 @@ _REFUSALS = {
 class _HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus two ASGI extensions: `sserelay.abort`, whose
     `abort()` closes the connection at once with a reset, and `sserelay.connection`, whose
-    `open()` says whether the connection still takes what is sent.
+    `open()` says whether the connection still takes what is sent and whose
+    `write(body)` writes a piece of the response body straight to the transport
+    (_write_body()).
 
     A client that stops reading leaves a write waiting on a full socket; a
     plain close would wait for that data to drain, forever. The hub's
@@ -191,7 +194,10 @@ class _HttpProtocol(HttpToolsProtocol):
         # asked right after a send, `open()` says which, with no turn of the event loop
         # (the sink would otherwise yield once per flush to learn of a disconnect).
         cycle = self.cycle
-        self.scope["extensions"]["sserelay.connection"] = {"open": lambda: not cycle.disconnected}
+        self.scope["extensions"]["sserelay.connection"] = {
+            "open": lambda: not cycle.disconnected,
+            "write": functools.partial(_write_body, cycle),
+        }
 
     def on_message_complete(self) -> None:
         self._in_head = True  # what comes next is the next request's head
@@ -239,6 +245,30 @@ class _HttpProtocol(HttpToolsProtocol):
                 # Linger 0: the close sends RST and drops the unsent data.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
+
+
+def _write_body(cycle: RequestResponseCycle, body: bytes) -> bool | None:
+    """The `write(body)` of the `sserelay.connection` extension: the next piece of a
+    started chunked response, handed to the transport now. True once the transport took
+    it; False if the connection is gone (nothing was written); None where it cannot be
+    done here (the response is not started, not chunked, or complete, or the transport
+    asked to pause writing): send it with ASGI `send` instead, which waits to drain.
+
+    uvicorn's send() does the same (its chunk framing, its disconnected check) under
+    starlette's and uvicorn's wrappers; for a relayed event the ASGI chain was a third
+    of the proxy's CPU, and skipping it measured 71 -> 47 us of CPU per event (issue 17)."""
+    if cycle.disconnected:
+        return False
+    if (
+        not cycle.chunked_encoding
+        or not cycle.response_started
+        or cycle.response_complete
+        or cycle.flow.write_paused
+    ):
+        return None
+    if body:  # an empty chunk would end the response
+        cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+    return True
 
 
 class _Server(uvicorn.Server):

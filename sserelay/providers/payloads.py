@@ -20,6 +20,7 @@ Pure: no I/O, and nothing an upstream sends makes a function here raise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,8 +59,33 @@ _NOTHING = Delta()
 _NOT_JSON = object()
 
 
+#: orjson's parser, where installed (`pip install 'sserelay[fast]'`): the same values, in C.
+_fast_loads: Callable[[bytes], Any] | None = None
+_FastJSONError: type[ValueError] = ValueError
+with contextlib.suppress(ImportError):
+    import orjson
+
+    _fast_loads = orjson.loads
+    _FastJSONError = orjson.JSONDecodeError
+
+#: orjson reads an integer past 64 bits as a float, where json keeps it exact: a payload
+#: with a run of 19 digits (a string's, perhaps) is read by json. Digits become zeros here.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_NUMBER = b"0" * 19
+
+
 def _load(data: str) -> object:
-    """The JSON value of `data`, or `_NOT_JSON`."""
+    """The JSON value of `data` as `json.loads` reads it, or `_NOT_JSON`."""
+    if _fast_loads is not None:
+        # Measured on the capacity bench's chunks: 4.5 -> 1.8 us per payload, this check
+        # included (issue 17). What orjson refuses and json takes (NaN, 1e400, a lone
+        # surrogate, deep nesting) goes to json below, so the value is always json's.
+        raw = data.encode("utf-8", "surrogatepass")
+        if _LONG_NUMBER not in raw.translate(_DIGITS_TO_ZERO):
+            try:
+                return _fast_loads(raw)
+            except _FastJSONError:
+                pass
     # ValueError covers JSONDecodeError and ints over 4,300 digits; deep nesting overflows.
     try:
         return json.loads(data)
@@ -178,17 +204,24 @@ def _type(obj: dict[str, Any], event: str | None) -> str:
 def _openai(obj: dict[str, Any], event: str | None) -> Delta:
     # n > 1 interleaves choices; their text is joined in the order received.
     parts: list[str] = []
-    for choice in _dicts(obj.get("choices")):
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            # content is null on role-only and tool_calls chunks; a refusal is shown instead.
-            parts.append(_str(delta.get("content")))
-            parts.append(_str(delta.get("refusal")))
-        else:
-            parts.append(_str(choice.get("text")))  # legacy Completions: `text_completion`
+    choices = obj.get("choices")
+    # The per-event path of an OpenAI stream: no list of the choices is built, and a null
+    # usage is not looked into (-0.5 us per event; issue 17).
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                # content is null on role-only and tool_calls chunks; a refusal is shown instead.
+                parts.append(_str(delta.get("content")))
+                parts.append(_str(delta.get("refusal")))
+            else:
+                parts.append(_str(choice.get("text")))  # legacy Completions: `text_completion`
     # With stream_options.include_usage every chunk has `usage: null` except the last one,
     # whose `choices` is empty.
-    usage = _openai_usage(obj.get("usage"))
+    report = obj.get("usage")
+    usage = None if report is None else _openai_usage(report)
     return Delta("".join(parts), usage, _model(obj.get("model")))
 
 

@@ -1,25 +1,43 @@
-"""The upstream of `sserelay proxy`: one base URL, streamed with httpx.
+"""The upstream of `sserelay proxy`: one base URL, streamed over HTTP/1.1 (`http1.py`).
 
 `Upstream.open()` sends one request and returns as soon as the status line
 and headers are in; `UpstreamResponse.chunks()` then yields the body as the
 bytes arrive, with no buffering of our own. Closing the response, or
 cancelling the task that reads it, tears the upstream connection down at once:
-a response closed before its end is never returned to the pool (httpcore
-closes a connection whose body was not read to the end), so the upstream sees
-its socket close and can stop generating. Every failure becomes an
-UpstreamError with a one-line message that never holds a secret.
+a response closed before its end is never returned to the pool, so the
+upstream sees its socket close and can stop generating. Every failure becomes
+an UpstreamError with a one-line message that never holds a secret.
+
+httpx parses the URLs only; requests go through `http1.Pool`, whose docstring
+says what it does not do that httpx did (HTTP proxies from the environment,
+HTTP/2, br and zstd bodies). A gzip or deflate body (sserelay asks for
+`identity`, but an upstream may code it anyway) is decoded here, as httpx did.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
 import re
 import socket
-from collections.abc import AsyncIterator, Iterable, Sequence
+import urllib.request
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
 from sserelay.errors import RequestError, UpstreamError, UpstreamTimeout
+from sserelay.sources.http1 import (
+    ConnectError,
+    ConnectTimeout,
+    HTTP1Error,
+    Pool,
+    ReadTimeout,
+    Response,
+    ServerDisconnected,
+)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Models may think for minutes before their first byte; a read timeout is for dead upstreams.
@@ -123,7 +141,8 @@ class Upstream:
     """A streaming upstream at `base_url`; one connection pool for every request.
 
     `headers` ('Name', 'value' pairs, e.g. the real API key) are added to every
-    request, replacing a client's header of the same name."""
+    request, replacing a client's header of the same name. User info in the URL
+    (`https://user:pass@host/`) becomes a Basic `Authorization`, as httpx sent it."""
 
     def __init__(
         self,
@@ -131,7 +150,6 @@ class Upstream:
         *,
         headers: Sequence[tuple[str, str]] = (),
         timeouts: Timeouts = Timeouts(),
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if any(c.isspace() for c in base_url):
             raise ValueError("expected an http:// or https:// URL with a host (no spaces)")
@@ -146,18 +164,16 @@ class Upstream:
         self.display = redact_url(self.base)
         self.timeouts = timeouts
         self._added = [(name.lower().encode(), value.encode()) for name, value in headers]
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=timeouts.connect,
-                read=timeouts.read,
-                write=timeouts.read,
-                pool=timeouts.connect,
-            ),
-            # A gateway holds one upstream connection per open stream; no cap of its own.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-            follow_redirects=False,
-            transport=transport,
-        )
+        # Sent last: it replaces an added Authorization, as httpx's BasicAuth did.
+        self._auth: Headers = []
+        if self.base.username or self.base.password:
+            credentials = f"{self.base.username}:{self.base.password}".encode()
+            self._auth = [(b"authorization", b"Basic " + base64.b64encode(credentials))]
+        port = self.base.port or (443 if self.base.scheme == "https" else 80)
+        self._origin = (self.base.scheme, self.base.raw_host.decode("ascii"), port)
+        self._host = self.base.netloc  # no user info; the port only if not the default
+        # A gateway holds one upstream connection per open stream; no cap of its own.
+        self._pool = Pool(connect_timeout=timeouts.connect, read_timeout=timeouts.read)
 
     @property
     def secrets(self) -> list[str]:
@@ -174,6 +190,20 @@ class Upstream:
         URL also ends in `/v1` reaches `/v1/v1/...`."""
         base_path = self.base.raw_path.partition(b"?")[0].rstrip(b"/")
         return bool(base_path) and (raw_path + b"/").startswith(base_path + b"/")
+
+    @property
+    def ignored_proxy(self) -> str | None:
+        """The environment variable (`HTTPS_PROXY`, `ALL_PROXY`, ...) naming an HTTP proxy
+        for this upstream, which httpx went through and sserelay does not; None if none
+        applies (unset, or `NO_PROXY` names the host)."""
+        proxies = urllib.request.getproxies_environment()
+        # NO_PROXY's rules; in urllib.request since Python 3.0, not in typeshed.
+        bypass: Callable[[str, dict[str, str]], bool]
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        for scheme in (self.base.scheme, "all"):
+            if scheme in proxies and not bypass(self.base.host, proxies):
+                return f"{scheme.upper()}_PROXY"
+        return None
 
     def url_for(self, raw_path: bytes, query: bytes) -> httpx.URL:
         """The upstream URL for a client's path and query: `/` is the base URL
@@ -211,103 +241,187 @@ class Upstream:
             drop=(b"host", b"content-length", b"accept-encoding", b"expect", b"te"),
         )
         added = {name for name, _ in self._added}
-        forwarded = [(n, v) for n, v in forwarded if n not in added]
+        forwarded = [(b"host", self._host), *((n, v) for n, v in forwarded if n not in added)]
         forwarded += self._added
+        if self._auth:
+            forwarded = [(n, v) for n, v in forwarded if n != b"authorization"] + self._auth
         forwarded.append((b"accept-encoding", b"identity"))
-        url = self.url_for(raw_path, query)
-        request = self._client.build_request(method, url, headers=forwarded, content=body)
+        target = self.url_for(raw_path, query).raw_path
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self._pool.request(
+                self._origin, method.encode("ascii"), target, forwarded, body
+            )
+        except HTTP1Error as exc:
             raise _upstream_error(exc, self, 0) from exc
-        return UpstreamResponse(response, self)
+        try:
+            return UpstreamResponse(response, self)
+        except UpstreamError:
+            response.close()
+            raise
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
 
 class UpstreamResponse:
     """An upstream answer whose body is still arriving."""
 
-    def __init__(self, response: httpx.Response, upstream: Upstream) -> None:
+    def __init__(self, response: Response, upstream: Upstream) -> None:
         self._response = response
         self._upstream = upstream
-        self.status = response.status_code
-        self.reason = response.reason_phrase
+        self.status = response.status
+        self.reason = response.reason
         self.bytes_received = 0
+        fields = [(name.lower(), value) for name, value in response.headers]
+        self._content_type = next((v for n, v in fields if n == b"content-type"), b"")
+        codings = b",".join(v for n, v in fields if n == b"content-encoding")
+        self._decoder = _decoder_for(codings.decode("latin-1"), upstream)
         # The body reaches the client decoded (see chunks()), so its coding goes, and
         # with it a length that counted the coded bytes.
-        coded = response.headers.get("content-encoding", "identity").lower() != "identity"
+        coded = self._decoder is not None
         drop = (b"content-encoding", b"content-length") if coded else (b"content-encoding",)
-        self.headers: Headers = end_to_end(response.headers.raw, drop=drop)
+        self.headers: Headers = end_to_end(fields, drop=drop)
 
     @property
     def content_type(self) -> str:
         """The media type, lower-cased, without parameters (`text/event-stream`)."""
-        value: str = self._response.headers.get("content-type", "")
-        return value.partition(";")[0].strip().lower()
+        return self._content_type.decode("latin-1").partition(";")[0].strip().lower()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, one chunk per read. Raises UpstreamError if
         the upstream dies, times out, or breaks the HTTP framing mid-body."""
+        read = self._response.read
+        decoder = self._decoder
         try:
-            async for chunk in self._response.aiter_bytes():
+            while True:
+                try:
+                    chunk = await read()
+                except HTTP1Error as exc:
+                    raise _upstream_error(exc, self._upstream, self.bytes_received, True) from exc
+                if not chunk:
+                    if decoder is not None and (tail := decoder.flush()):
+                        self.bytes_received += len(tail)
+                        yield tail
+                    return
+                if decoder is not None:
+                    chunk = decoder.decode(chunk)
+                    if not chunk:
+                        continue
                 self.bytes_received += len(chunk)
                 yield chunk
-        except httpx.HTTPError as exc:
-            raise _upstream_error(exc, self._upstream, self.bytes_received, True) from exc
         finally:
-            await self._response.aclose()
+            self._response.close()
 
     async def aclose(self) -> None:
         """Close the response now; if its body was not read to the end, the
         connection is closed too (not returned to the pool)."""
-        await self._response.aclose()
+        self._response.close()
 
     @property
     def closed(self) -> bool:
-        return self._response.is_closed
+        return self._response.closed
 
 
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+class _Decoder:
+    """gzip and deflate content codings undone, as httpx's `GZipDecoder` and
+    `DeflateDecoder` did: a deflate body is zlib-wrapped (RFC 9110 §8.4.1.2) or, from
+    some servers, raw; the first bytes tell."""
+
+    def __init__(self, codings: list[str], upstream: Upstream) -> None:
+        self._codings = codings  # in the order they were applied
+        self._upstream = upstream
+        self._stages: list[Any] = [
+            zlib.decompressobj(zlib.MAX_WBITS | 16) if coding != "deflate" else None
+            for coding in reversed(codings)
+        ]
+
+    def decode(self, data: bytes) -> bytes:
+        try:
+            for i, stage in enumerate(self._stages):
+                if stage is None:
+                    stage = self._stages[i] = zlib.decompressobj()
+                    try:
+                        data = stage.decompress(data)
+                        continue
+                    except zlib.error:
+                        stage = self._stages[i] = zlib.decompressobj(-zlib.MAX_WBITS)
+                data = stage.decompress(data)
+        except zlib.error as exc:
+            raise self._error(exc) from exc
+        return data
+
+    def flush(self) -> bytes:
+        data = b""
+        try:
+            for stage in self._stages:
+                if stage is not None:
+                    data = stage.decompress(data) + stage.flush()
+        except zlib.error as exc:
+            raise self._error(exc) from exc
+        return data
+
+    def _error(self, exc: zlib.error) -> UpstreamError:
+        coding = ", ".join(self._codings)
+        return UpstreamError(
+            f"upstream {self._upstream.display} sent a body in {coding} coding that does not "
+            f"decode ({_one_line(exc)})"
+        )
+
+
+def _decoder_for(header: str, upstream: Upstream) -> _Decoder | None:
+    """The decoder for a Content-Encoding value; UpstreamError for a coding we cannot
+    undo (sserelay asked for identity: an upstream that sends br or zstd anyway)."""
+    codings = [c.strip().lower() for c in header.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return None
+    unknown = [c for c in codings if c not in ("gzip", "x-gzip", "deflate")]
+    if unknown:
+        raise UpstreamError(
+            f"upstream {upstream.display} sent a body in {unknown[0]!r} coding, which "
+            "sserelay cannot decode (it asked for identity)"
+        )
+    return _Decoder(codings, upstream)
 
 
 def _upstream_error(
-    exc: httpx.HTTPError, upstream: Upstream, received: int, mid_body: bool = False
+    exc: HTTP1Error, upstream: Upstream, received: int, mid_body: bool = False
 ) -> UpstreamError:
     """The one-line message for `exc`; the URL shown is redacted."""
     where = upstream.display
     host = upstream.base.host
     netloc = upstream.base.netloc.decode()
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+    if isinstance(exc, ConnectTimeout):
         return UpstreamTimeout(
             f"upstream {netloc} did not accept a connection within "
             f"{upstream.timeouts.connect:g} s (connect timeout)"
         )
-    if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):
+    if isinstance(exc, ReadTimeout):
         what = f"after {received} bytes of the body" if mid_body else "before its response"
         return UpstreamTimeout(
             f"upstream {where} sent nothing for {upstream.timeouts.read:g} s {what} (read timeout)"
         )
-    if isinstance(exc, httpx.ConnectError):
-        if _cause(exc, socket.gaierror) is not None:
+    if isinstance(exc, ConnectError):
+        cause = exc.__cause__
+        if isinstance(cause, socket.gaierror):
             return UpstreamError(f"cannot resolve upstream host {host!r} (DNS lookup failed)")
-        if _cause(exc, ConnectionRefusedError) is not None:
+        if isinstance(cause, ConnectionRefusedError) or (
+            isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED
+        ):
             return UpstreamError(f"upstream {netloc} refused the connection")
         return UpstreamError(f"cannot connect to upstream {netloc}: {_one_line(exc)}")
+    if isinstance(exc, ServerDisconnected):
+        if mid_body:
+            return UpstreamError(
+                f"upstream {where} closed the connection mid-stream after {received} bytes "
+                f"({_one_line(exc)})"
+            )
+        return UpstreamError(f"upstream {where} closed the connection without answering")
     if mid_body:
         return UpstreamError(
-            f"upstream {where} closed the connection mid-stream after {received} bytes "
+            f"upstream {where} broke the HTTP framing mid-stream after {received} bytes "
             f"({_one_line(exc)})"
         )
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return UpstreamError(f"upstream {where} closed the connection without answering")
     return UpstreamError(f"upstream {where} failed: {_one_line(exc)}")
 
 

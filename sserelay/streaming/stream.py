@@ -187,14 +187,16 @@ async def relay_frames(
 
 class _Activity:
     """What pump and keep-alive share: when the stream last wrote (event loop
-    time), and the lock that makes each write-and-flush whole, so a ping and
-    an event are never sent at once."""
+    time), and what makes each write-and-flush whole, so a ping and an event are
+    never sent at once: a ping's flush holds `lock`; the pump's sets `flushing`,
+    and takes the lock only while a ping holds it."""
 
-    __slots__ = ("last", "lock")
+    __slots__ = ("flushing", "last", "lock")
 
     def __init__(self, last: float) -> None:
         self.last = last
         self.lock = asyncio.Lock()
+        self.flushing = False
 
 
 async def _pump(
@@ -215,17 +217,24 @@ async def _pump(
             headers = None
         # No bytes: tokens of bytes already delivered (counted at the end), billed as they are.
         if item.payload:
-            async with activity.lock:
-                sink.write(item.payload)
-                try:
-                    delivered = await sink.flush()
-                except asyncio.CancelledError:
-                    # Cancelled once the connection had the bytes: they are the client's.
-                    if getattr(sink, "accepted", False):
-                        client.record(item.events, item.tokens, len(item.payload), item.pending)
-                    raise
-                if not delivered:
-                    raise _Gone
+            # The lock only when a ping holds it (a flush stuck on a slow client): an
+            # uncontended `async with` on every event cost 0.6 us of ~20 (issue 17).
+            if activity.lock.locked():
+                async with activity.lock:
+                    pass  # the ping is out; nothing can come in between from here
+            activity.flushing = True
+            sink.write(item.payload)
+            try:
+                delivered = await sink.flush()
+            except asyncio.CancelledError:
+                # Cancelled once the connection had the bytes: they are the client's.
+                if getattr(sink, "accepted", False):
+                    client.record(item.events, item.tokens, len(item.payload), item.pending)
+                raise
+            finally:
+                activity.flushing = False
+            if not delivered:
+                raise _Gone
             activity.last = time()
         client.record(item.events, item.tokens, len(item.payload), item.pending)
 
@@ -256,7 +265,7 @@ async def _keep_alive(sink: EventSink, interval: float, activity: _Activity) -> 
     loop = asyncio.get_running_loop()
     while True:
         # A flush stuck on a slow client is not idleness: wait a whole interval more.
-        idle = 0.0 if activity.lock.locked() else loop.time() - activity.last
+        idle = 0.0 if activity.flushing else loop.time() - activity.last
         if idle < interval:
             await asyncio.sleep(interval - idle)
             continue

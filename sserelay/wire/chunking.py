@@ -45,6 +45,11 @@ class LineSplitter:
         self._skip_lf = False  # the last read ended in CR; a leading LF completes that CRLF
         self.invalid_utf8_bytes = 0
 
+    @property
+    def pending(self) -> bool:
+        """Whether part of a line (or a CR that an LF may complete) is held."""
+        return self._skip_lf or bool(self._pieces)
+
     def decode(self, data: bytes) -> list[str]:
         if not data:  # nothing new: a pending CR still waits for its LF
             return []

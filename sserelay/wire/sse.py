@@ -171,6 +171,58 @@ class BlockParser:
                 blocks.append(self._block())
         return blocks
 
+    def data_blocks(self, chunk: bytes) -> list[tuple[str | None, str]] | None:
+        """decode()'s fast path, for a chunk of whole blocks written exactly as
+        `encode_event` writes an event with no id or retry: an optional `event: NAME` line
+        (NAME not empty), then `data: ` lines, then one blank line, LF line ends only,
+        valid UTF-8, at a block boundary (nothing held from earlier chunks, no BOM).
+
+        Returns each block's (event, data), as decode() would read them, and the parser
+        moves past the chunk; re-encoding those blocks gives `chunk` back byte for byte,
+        so a relay may pass it on as it came. Returns None, having read nothing, for any
+        other chunk (then call decode()). Streamed answers (OpenAI's, Anthropic's,
+        Gemini's) arrive this way, a block or a few per read."""
+        if (
+            self._open
+            or self._lines.pending
+            or self.failure is not None
+            or not chunk.endswith(b"\n\n")
+            or chunk.startswith(b"\n")
+            or b"\r" in chunk
+            or b"\n\n\n" in chunk
+        ):
+            return None
+        try:
+            text = chunk.decode()
+        except UnicodeDecodeError:
+            return None
+        if self._first_line and text.startswith(_BOM):
+            return None
+        blocks: list[tuple[str | None, str]] = []
+        for block in text[:-2].split("\n\n"):
+            if block.startswith("data: "):
+                if "\n" not in block:  # one data line: the rule
+                    blocks.append((None, block[6:]))
+                    continue
+                event = None
+                lines = block.split("\n")
+            elif block.startswith("event: "):
+                event, _, rest = block.partition("\n")
+                event = event[7:]
+                if not event or not rest:
+                    return None  # an empty name is no name; no data dispatches nothing
+                lines = rest.split("\n")
+            else:
+                return None
+            data = []
+            for line in lines:
+                if not line.startswith("data: "):
+                    return None
+                data.append(line[6:])
+            blocks.append((event, "\n".join(data)))
+        self._first_line = False
+        return blocks
+
     def flush(self) -> list[Block]:
         """End of stream: §9.2.6 discards a block not ended by a blank line. `unterminated`
         says whether that block held data (or a last line had no line end)."""

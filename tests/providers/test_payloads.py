@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import sserelay.providers.payloads
+import sserelay.providers.payloads as payloads
 from sserelay.metering.tokens import WhitespaceCounter, count_tokens
 from sserelay.metering.usage import Usage
 from sserelay.providers.payloads import (
@@ -850,15 +850,91 @@ def test_built_chunks_round_trip_through_the_meter() -> None:
 
 
 def test_payloads_import_only_the_standard_library_and_pure_metering() -> None:
-    tree = ast.parse(Path(sserelay.providers.payloads.__file__).read_text())
+    tree = ast.parse(Path(payloads.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
-    stdlib = {"__future__", "collections.abc", "dataclasses", "json", "typing"}
-    assert imported <= stdlib | {"sserelay.metering.usage"}
+    stdlib = {"__future__", "collections.abc", "contextlib", "dataclasses", "json", "typing"}
+    # orjson: a JSON parser in C, optional (the `fast` extra), no I/O.
+    assert imported <= stdlib | {"sserelay.metering.usage", "orjson"}
+
+
+# --------------------------------------------------------------------------- orjson or json
+
+_NUMBERS = st.sampled_from(
+    [
+        "0", "-0", "12", "12.0", "1e2", "1E+2", "-1.5e-3", "01", "1.", ".5", "+1", "0x10",
+        "9223372036854775807", "9223372036854775808", "18446744073709551615",
+        "18446744073709551616", "-9223372036854775809", "123456789012345678901234567890",
+        "1e400", "-1e400", "4.9e-324", "1e-400", "NaN", "Infinity", "-Infinity",
+        "0.30000000000000004", "2.2250738585072011e-308",
+    ]
+)  # fmt: skip
+_STRINGS = st.sampled_from(
+    ['"a"', '"\\ud800"', '"\\udc00x"', '"\\u00e9"', '"\u00e9"', '"\ud83d\ude00"',
+     '"a\\nb"', '"\\""', '"\x01"', '"\ud800"', '"1234567890123456789012"']
+)  # fmt: skip
+_JSONISH = st.recursive(
+    _NUMBERS | _STRINGS | st.sampled_from(["true", "false", "null"]),
+    lambda inner: (
+        st.lists(inner, max_size=4).map(lambda xs: "[" + ",".join(xs) + "]")
+        | st.lists(st.tuples(_STRINGS, inner), max_size=4).map(
+            lambda kvs: "{" + ",".join(f"{k}:{v}" for k, v in kvs) + "}"
+        )
+    ),
+    max_leaves=12,
+)
+
+
+def _json_or_not(data: str) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return "<not JSON>"
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values of equal types all the way down (1 is not 1.0; NaN is NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        assert isinstance(b, dict)
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        assert isinstance(b, list)
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, float) and a != a:
+        return b != b
+    return a == b
+
+
+@pytest.mark.skipif(payloads._fast_loads is None, reason="orjson is not installed")
+@given(st.one_of(_JSONISH, _JSONISH.map(lambda s: s + " x"), _JSONISH.map(lambda s: " " + s)))
+def test_the_fast_parser_reads_every_value_as_json_does(data: str) -> None:
+    value = payloads._load(data)
+    assert _same("<not JSON>" if value is payloads._NOT_JSON else value, _json_or_not(data))
+
+
+def test_deep_nesting_is_not_json_with_either_parser() -> None:
+    assert payloads._load("[" * 100_000 + "]" * 100_000) is payloads._NOT_JSON
+
+
+@pytest.mark.parametrize("name", ["openai_chat_usage.sse", "anthropic.sse", "gemini.sse"])
+def test_recorded_streams_read_the_same_without_orjson(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = SSEDecoder().decode((PAYLOADS / name).read_bytes())
+
+    def read() -> tuple[list[Delta], Usage | None]:
+        meter = PayloadMeter()
+        return [meter.feed(e.data, e.event) for e in events], meter.usage
+
+    fast = read()
+    monkeypatch.setattr(payloads, "_fast_loads", None)
+    assert read() == fast
 
 
 # --------------------------------------------------------------------------- property tests

@@ -350,3 +350,24 @@ def test_a_compressed_body_is_decoded_and_loses_its_coded_length() -> None:
     headers, decoded = run(scenario())
     assert decoded == b"data: hello\n\n"
     assert headers == [(b"content-type", b"text/event-stream")]
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "named"),
+    [
+        ({"HTTPS_PROXY": "http://p:3128"}, "https://api.example.com/v1", "HTTPS_PROXY"),
+        ({"https_proxy": "http://p:3128"}, "http://api.example.com/v1", None),
+        ({"ALL_PROXY": "http://p:3128"}, "http://api.example.com/v1", "ALL_PROXY"),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "example.com"}, "http://x.example.com", None),
+        ({}, "https://api.example.com/v1", None),
+    ],
+)  # fmt: skip
+def test_an_http_proxy_in_the_environment_is_named_as_not_used(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], url: str, named: str | None
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Upstream(url).ignored_proxy == named

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sserelay.metering.tokens import count_tokens, get_tokenizer
@@ -295,3 +295,67 @@ def test_a_body_too_big_to_meter_still_passes_through() -> None:
     relay = BodyRelay(PayloadMeter(), WORDS)
     big = b" " * (MAX_METERED_BODY + 1)
     assert run(relay, [big]) == Frames(big, 0, 0)
+
+
+# --------------------------------------------------------------------------- the pass-through
+
+# Lines an upstream may write: canonical ones (passed on as they came) and every kind the
+# slow path reads differently (normalised, dropped, or a failure).
+_LINES = [
+    b'data: {"choices": [{"delta": {"content": " one two"}}], "model": "m"}',
+    b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}',
+    b'data: {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "a b"}}',
+    b"data: [DONE]",
+    b"data: plain words",
+    b"data: ",
+    b"data:  two spaces",
+    b"data:nospace",
+    b"data",
+    b"event: content_block_delta",
+    b"event: ",
+    b"id: 7",
+    b"retry: 100",
+    b": a comment",
+    b"custom: field",
+    b"not sse",
+    b"data: caf\xc3\xa9",
+    b"data: \xff bad utf-8",
+    b"\xef\xbb\xbfdata: bom",
+    b"",
+]
+
+
+@settings(max_examples=300)
+@given(
+    lines=st.lists(st.sampled_from(_LINES), max_size=14),
+    ends=st.lists(st.sampled_from([b"\n", b"\n", b"\n", b"\r\n", b"\r"]), min_size=14),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+    strip=st.booleans(),
+    keep=st.booleans(),
+)
+def test_the_pass_through_gives_what_parsing_and_re_encoding_gives(
+    lines: list[bytes], ends: list[bytes], cuts: list[int], strip: bool, keep: bool
+) -> None:
+    raw = b"".join(line + end for line, end in zip(lines, ends, strict=False)) + b"\n"
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+
+    def relayed(fast: bool) -> tuple[object, ...]:
+        relay = EventRelay(PayloadMeter(), WORDS, keep_comments=keep, strip_usage=strip)
+        if not fast:
+            relay._blocks.data_blocks = lambda chunk: None  # type: ignore[method-assign]
+        frames = [relay.decode(piece) for piece in pieces]
+        tail = relay.flush()
+        failure = None if relay.failure is None else str(relay.failure)
+        usage = relay.payload.usage
+        return frames, tail, failure, relay.stripped, usage, relay.invalid_utf8_bytes
+
+    assert relayed(fast=True) == relayed(fast=False)
+
+
+def test_canonical_reads_pass_on_as_they_came() -> None:
+    relay = event_relay()
+    chunk = b'event: delta\ndata: {"a": 1}\ndata: two\n\ndata: x\n\n'
+    frames = relay.decode(chunk)
+    assert frames.payload is chunk  # the very bytes read: no copy
+    assert (frames.events, frames.tokens) == (2, 4)

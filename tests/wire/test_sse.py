@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sserelay.wire.sse import (
+    BlockParser,
     Event,
     SSEDecoder,
     encode_batch,
@@ -674,3 +675,53 @@ def test_invalid_utf8_becomes_replacement_character(stream: bytes, expected: lis
 def test_any_bytes_decode_without_raising(stream: bytes) -> None:
     events = decode_all(stream)
     assert all(isinstance(event.data, str) for event in events)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "blocks"),
+    [
+        (b"data: x\n\n", [(None, "x")]),
+        (b"data: a\ndata: b\n\ndata: \n\n", [(None, "a\nb"), (None, "")]),
+        (b"event: e\ndata: {}\n\n", [("e", "{}")]),
+        (b"data:  x\n\n", [(None, " x")]),
+    ],
+)
+def test_data_blocks_reads_canonical_chunks(
+    chunk: bytes, blocks: list[tuple[str | None, str]]
+) -> None:
+    parser = BlockParser(strict=True)
+    assert parser.data_blocks(chunk) == blocks
+    assert b"".join(encode_event(Event(d, e)) for e, d in blocks) == chunk
+    reference = [(b.event, b.data) for b in BlockParser(strict=True).decode(chunk)]
+    assert reference == blocks
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"data: x\n",  # not at a boundary
+        b"data: x\r\n\r\n",
+        b"\ndata: x\n\n",
+        b"data: x\n\n\n",
+        b"data:x\n\n",
+        b"id: 1\ndata: x\n\n",
+        b"event: \ndata: x\n\n",
+        b"event: e\n\n",
+        b"data: x\nevent: e\n\n",
+        b": c\ndata: x\n\n",
+        b"data: \xff\n\n",
+        b"\xef\xbb\xbfdata: x\n\n",
+    ],
+)
+def test_data_blocks_leaves_any_other_chunk_to_decode(chunk: bytes) -> None:
+    parser = BlockParser(strict=True)
+    assert parser.data_blocks(chunk) is None
+    assert parser.decode(chunk) == BlockParser(strict=True).decode(chunk)
+
+
+def test_data_blocks_waits_for_a_boundary() -> None:
+    parser = BlockParser()
+    assert parser.decode(b"data: a") == []
+    assert parser.data_blocks(b"\n\n") is None  # "data: a" is held: decode() completes it
+    assert [b.data for b in parser.decode(b"\n\n")] == ["a"]
+    assert parser.data_blocks(b"data: b\n\n") == [(None, "b")]
