@@ -271,6 +271,9 @@ def _meta(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     where = workdir()
+    # The proxy keeps its default ledger on, as a user runs it (its cost is in the figures),
+    # but in the bench's own directory: never in the user's ~/.local/state/sserelay.
+    os.environ["XDG_STATE_HOME"] = str(where / "state")
     settings = settings_for(args, where)
     sockets = settings.clients
     if "fanout10k" in args.figures:
