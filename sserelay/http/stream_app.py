@@ -60,7 +60,7 @@ class StreamSession(Endpoint):
         self.hub.stop()
 
     def _finish(self, reason: Reason, error: str | None = None) -> None:
-        self.meter.invalid_utf8_bytes = self.hub.source.invalid_utf8_bytes
+        self.meter.invalid_utf8_bytes = self.hub.invalid_utf8_bytes
         super()._finish(reason, error)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
