@@ -10,7 +10,7 @@ import asyncio
 import html
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,6 +29,10 @@ from sserelay.metering.reason import Reason
 from sserelay.streaming.hub import Hub, Listener
 from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 
+#: Whose stream a session serves: its own source's ("source"), its source's as published
+#: to a topic for other instances too ("publisher"), or a topic's ("follower").
+Role = Literal["source", "publisher", "follower"]
+
 
 class StreamSession(Endpoint):
     """One run of `serve`: one hub, served to every client that connects.
@@ -38,7 +42,12 @@ class StreamSession(Endpoint):
     end (the stream was abandoned: the source is no longer read, and the run's
     reason is that client's). With `keep` it ends only on interrupt() (Ctrl-C
     or SIGTERM); a source that fails ends it in both modes once the clients
-    have what was read before the failure."""
+    have what was read before the failure.
+
+    A `publisher`'s source is read to its end whoever listens (other instances' clients
+    do), so no client abandons it: the run ends once the end is published and its own
+    clients have finished (or on interrupt, with `keep`). A `follower` serves a topic
+    until interrupted, whatever happens to the topic's source."""
 
     def __init__(
         self,
@@ -49,12 +58,16 @@ class StreamSession(Endpoint):
         keep: bool = False,
         access: Access | None = None,
         keys: Keys | None = None,
+        role: Role = "source",
     ) -> None:
         super().__init__(meter, access=access, keys=keys)
         self.hub = hub
         self.heartbeat = heartbeat
-        self.keep = keep
+        self.keep = keep or role == "follower"
+        self.role = role
         self._headers = [*SSE_HEADERS, *self.access.cors_headers]
+        if role == "publisher":
+            hub.on_end = self._stream_over
 
     def _interrupted(self) -> None:
         self.hub.stop()
@@ -152,15 +165,26 @@ class StreamSession(Endpoint):
             return
         if self.stopping:
             self._finish(Reason.INTERRUPTED)
+        elif self.role == "follower":
+            return
         elif self.hub.error is not None:
             self._finish(Reason.INPUT_ERROR, self.hub.error)
         elif self.keep:
             return
         elif self.hub.ended:
             self._finish(Reason.COMPLETE)
-        else:  # abandoned before the end: stop reading the source
+        elif self.role == "source":  # abandoned before the end: stop reading the source
             self.hub.stop()
             self._finish(bill.reason, bill.error)
+
+    def _stream_over(self) -> None:
+        """A publisher's stream has ended (its end read back from the topic): the run ends
+        now if none of its clients is still taking it."""
+        if not self.open and not self.stopping and not self.keep:
+            if self.hub.error is not None:
+                self._finish(Reason.INPUT_ERROR, self.hub.error)
+            else:
+                self._finish(Reason.COMPLETE)
 
 
 async def _end_now(sink: ASGISink, abort: Callable[[], None] | None) -> None:

@@ -389,7 +389,9 @@ class Feed(Protocol):
     """What fills a hub's log: its bus. `run(hub)` publishes into the hub (`publish`,
     `publish_batch`, `end`) until the stream ends or the task is cancelled (the hub
     closing). With `on_demand` it runs only once a listener waits for more, and should read
-    only while one does (`await hub.demanded()`); else the hub starts it at once."""
+    only while one does (`await hub.demanded()`); else the hub starts it at once, and
+    `demanded()` also returns once nobody listens (a topic's reader then keeps the history
+    fresh; while listeners are connected, it goes at the pace of the fastest, as a source)."""
 
     on_demand: bool
 
@@ -544,6 +546,8 @@ class Hub:
         self._published = asyncio.Event()  # replaced at each publish
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        #: called when the stream ends (after the listeners are woken)
+        self.on_end: Callable[[], None] | None = None
 
     @property
     def listeners(self) -> int:
@@ -584,6 +588,8 @@ class Hub:
         self._ahead.pop(listener, None)
         self._unwait(listener)
         self.log.trim(self._floor())
+        if not self._listeners and not self.feed.on_demand:
+            self._demand.set()  # a topic's reader keeps the history fresh while nobody listens
 
     async def demanded(self) -> None:
         """Return once some listener has taken everything and waits for more."""
@@ -650,6 +656,8 @@ class Hub:
         self.error = error
         self.end_tokens = end_tokens if error is None else 0
         self._wake()
+        if self.on_end is not None:
+            self.on_end()
 
     def reopen(self) -> None:
         """More comes after an end (a topic's publisher started again)."""
