@@ -21,6 +21,7 @@ truncated`. One warning line when Redis is lost, one when it is back (connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -230,7 +231,8 @@ class Publisher:
         self._floor: tuple[int, int, int] = (0, 0, 1)  # the last (ms, seq) stored, next k
         self._kept: deque[tuple[str, int]] = deque()  # (entry id, events) within the history
         self._kept_events = 0
-        self._trimmed = False
+        self._trimmed = False  # the stream holds more than the history: trim it
+        self._trim_due = False  # ... and no call has trimmed it since
         self.published = 0
         connection.health.consequences.append(
             f"the publisher keeps up to {self._limit} events of its source and retries"
@@ -316,8 +318,20 @@ class Publisher:
                 ended = self._stored(call, reply) or ended
             if not self._backlog:
                 self._ready.clear()
+                await self._trim()
             if ended:
                 return
+
+    async def _trim(self) -> None:
+        """Trim now what the calls sent so far have pushed out of the history (each call
+        trims what was out before it; the last one's leave nothing to a next)."""
+        if not self._trim_due:
+            return
+        self._trim_due = False
+        with contextlib.suppress(*UNAVAILABLE):  # the next call trims it, if any
+            await self._connection.client.xtrim(
+                self._keys[0], minid=self._minid(), approximate=True
+            )
 
     def _calls(self) -> list[list[_Item]]:
         """The backlog's first items, in calls of at most CALL_BYTES (one item at least)."""
@@ -354,6 +368,7 @@ class Publisher:
 
     def _args(self, call: Sequence[_Item], number: int) -> list[str | int]:
         ms, seq, k = self._floor
+        self._trim_due = False
         args: list[str | int] = [self._instance, number, ms, seq, k, self._minid()]
         for item in call:
             args += [item.events, item.chunks, item.tokens, item.pending]
@@ -390,4 +405,4 @@ class Publisher:
         self._kept_events += events
         while self._kept and self._kept_events - self._kept[0][1] >= self._history:
             self._kept_events -= self._kept.popleft()[1]
-            self._trimmed = True
+            self._trimmed = self._trim_due = True
