@@ -16,9 +16,9 @@ from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
+from redis import exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from .errors import RedisUnavailable
 
@@ -32,8 +32,29 @@ RETRY_LAST = 1.0
 
 Warn = Callable[[str], None]
 
-#: What counts as "Redis is unavailable now" mid-run: worth a retry, never a crash.
-UNAVAILABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
+#: What counts as "Redis is unavailable now" mid-run: worth a retry, never a crash. A
+#: server that answers with an error (a wrong type, a failing script) is not unavailable.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    exceptions.ConnectionError,  # refused, reset, closed, still loading, auth lost
+    exceptions.TimeoutError,
+    exceptions.ReadOnlyError,  # a replica that was the primary: a failover is under way
+    OSError,
+)
+#: Anything Redis can do wrong: what stops a run at its start, and what a loop that must
+#: go on (a reader, a publisher) waits out as if Redis were away.
+FAILED: tuple[type[BaseException], ...] = (exceptions.RedisError, OSError)
+
+
+def check_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled and the cancel got lost.
+
+    redis-py can swallow a cancel that lands inside one of its calls (redis-py #2028, #2665:
+    the call then returns, or fails, as if nothing had happened), and a loop that goes on
+    to wait for something else would never end. The task still counts the request
+    (`Task.cancelling()`): every loop here checks it after each call to Redis."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def display_url(url: str) -> str:
@@ -127,7 +148,7 @@ class Connection:
         connection = cls(url, warn)
         try:
             await connection.client.ping()
-        except UNAVAILABLE as exc:
+        except FAILED as exc:
             await connection.aclose()
             raise RedisUnavailable(
                 f"cannot reach redis {connection.display}: {describe(exc)}"
@@ -135,5 +156,5 @@ class Connection:
         return connection
 
     async def aclose(self) -> None:
-        with contextlib.suppress(*UNAVAILABLE):
+        with contextlib.suppress(*FAILED):
             await self.client.aclose()

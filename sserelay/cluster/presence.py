@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
-from .connection import UNAVAILABLE, Connection
+from .connection import FAILED, Connection, check_cancelled
 from .keys import instances
 from .scripts import BEAT
 
@@ -57,9 +57,11 @@ class Presence:
                 dead = await script(
                     keys=[self._key], args=[self._instance, int(self._dead_after * 1000)]
                 )
-            except UNAVAILABLE as exc:
+            except FAILED as exc:
+                check_cancelled()
                 self._connection.health.lost(exc)
             else:
+                check_cancelled()
                 self._connection.health.ok()
                 names = [name.decode() for name in dead]
                 if names:
@@ -73,5 +75,5 @@ class Presence:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(*UNAVAILABLE):
+        with contextlib.suppress(*FAILED):
             await self._connection.client.zrem(self._key, self._instance)

@@ -2,7 +2,10 @@
 interleave with another instance's.
 
 Numbers cross into Lua as doubles: exact up to 2^53, far above any count or millisecond
-here. They leave as strings formatted with %.0f, so no exponent ever reaches a key.
+here. They leave as strings formatted with %.0f, so no exponent ever reaches a key. A
+negation is written `0 - x`: `-x` of 0 is -0, which Redis does not take as an integer.
+A script that fails stops where it failed, without undoing what it did: each checks what
+it needs before it writes.
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ for _, lease in ipairs(dead) do
   local t, u = tonumber(held[1] or '0'), tonumber(held[2] or '0')
   redis.call('HINCRBY', KEYS[1], 'ct', t)
   redis.call('HINCRBY', KEYS[1], 'cu', u)
-  redis.call('HINCRBY', KEYS[1], 'rt', -t)
-  redis.call('HINCRBY', KEYS[1], 'ru', -u)
+  redis.call('HINCRBY', KEYS[1], 'rt', 0 - t)
+  redis.call('HINCRBY', KEYS[1], 'ru', 0 - u)
   redis.call('HDEL', KEYS[1], 'rt:' .. lease, 'ru:' .. lease)
   redis.call('ZREM', KEYS[2], lease)
 end
@@ -152,8 +155,8 @@ local held = redis.call('HMGET', KEYS[1], 'rt:' .. lease, 'ru:' .. lease)
 local used = {tonumber(ARGV[2]), tonumber(ARGV[3])}
 if held[1] or held[2] then
   local t, u = tonumber(held[1] or '0'), tonumber(held[2] or '0')
-  redis.call('HINCRBY', KEYS[1], 'rt', -t)
-  redis.call('HINCRBY', KEYS[1], 'ru', -u)
+  redis.call('HINCRBY', KEYS[1], 'rt', 0 - t)
+  redis.call('HINCRBY', KEYS[1], 'ru', 0 - u)
   redis.call('HDEL', KEYS[1], 'rt:' .. lease, 'ru:' .. lease)
   redis.call('ZREM', KEYS[2], lease)
   redis.call('HINCRBY', KEYS[1], 'ct', used[1])

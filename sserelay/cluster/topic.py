@@ -35,7 +35,7 @@ from sserelay.sources.pacing import Pacer, paced
 from sserelay.sources.text import Source
 from sserelay.streaming.hub import Hub, StreamId, StreamLog, counted, format_stream_id
 
-from .connection import UNAVAILABLE, Backoff, Connection, describe
+from .connection import FAILED, Backoff, Connection, check_cancelled, describe
 from .errors import RedisUnavailable
 from .keys import topic_state, topic_stream
 from .scripts import PUBLISH
@@ -106,7 +106,7 @@ class TopicFeed:
                 if len(entries) < READ_COUNT:
                     break
                 start = "(" + self._last
-        except UNAVAILABLE as exc:
+        except FAILED as exc:
             raise RedisUnavailable(
                 f"cannot read topic {self._topic!r} from redis {self._connection.display}: "
                 f"{describe(exc)}"
@@ -124,10 +124,12 @@ class TopicFeed:
                     list[tuple[bytes, Entries]],
                     await client.xread({self._key: self._last}, count=READ_COUNT, block=BLOCK_MS),
                 )
-            except UNAVAILABLE as exc:
+            except FAILED as exc:
+                check_cancelled()
                 health.lost(exc)
                 await backoff.wait()
                 continue
+            check_cancelled()
             health.ok()
             backoff.reset()
             for _stream, entries in reply or ():
@@ -244,7 +246,7 @@ class Publisher:
         try:
             self._sha = await client.script_load(PUBLISH)
             state = cast(list[bytes | None], await client.hmget(self._keys[1], ["ms", "seq", "k"]))
-        except UNAVAILABLE as exc:
+        except FAILED as exc:
             raise RedisUnavailable(
                 f"cannot publish to topic {self.topic!r} on redis {self._connection.display}: "
                 f"{describe(exc)}"
@@ -307,10 +309,12 @@ class Publisher:
             calls = self._calls()
             try:
                 replies = await self._store(calls)
-            except UNAVAILABLE as exc:
+            except FAILED as exc:
+                check_cancelled()
                 health.lost(exc)
                 await backoff.wait()
                 continue
+            check_cancelled()
             health.ok()
             backoff.reset()
             ended = False
@@ -328,7 +332,7 @@ class Publisher:
         if not self._trim_due:
             return
         self._trim_due = False
-        with contextlib.suppress(*UNAVAILABLE):  # the next call trims it, if any
+        with contextlib.suppress(*FAILED):  # the next call trims it, if any
             await self._connection.client.xtrim(
                 self._keys[0], minid=self._minid(), approximate=True
             )
@@ -354,13 +358,13 @@ class Publisher:
 
     async def _store(self, calls: list[list[_Item]]) -> list[list[bytes | int]]:
         client = self._connection.client
-        pipe = client.pipeline(transaction=False)
         number = self._number
-        for call in calls:
-            pipe.evalsha(self._sha, 2, *self._keys, *self._args(call, number))
-            number += len(call)
         try:
-            replies: list[list[bytes | int]] = await pipe.execute()
+            async with client.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    pipe.evalsha(self._sha, 2, *self._keys, *self._args(call, number))
+                    number += len(call)
+                replies: list[list[bytes | int]] = await pipe.execute()
         except NoScriptError:  # Redis restarted and forgot the script: load it, send again
             self._sha = await client.script_load(PUBLISH)
             return await self._store(calls)

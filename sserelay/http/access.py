@@ -23,6 +23,8 @@ from sserelay.metering.reason import Reason
 SECRET_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key")
 #: Query parameters that may carry it (an EventSource cannot send headers).
 SECRET_PARAMS = ("token", "key")
+#: Retry-After (seconds) of a request refused while the shared budget store is unreachable.
+UNREACHABLE_RETRY = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +104,17 @@ class Keys:
         return key
 
     def admit(self, key: Key, model: str | None) -> Refusal | None:
-        """None if `key` may start a request for `model` now, else why not (403, 429)."""
+        """None if `key` may start a request for `model` now, else why not (403, 429; 503
+        for a key with a budget or rate limit while their shared store is unreachable:
+        budgets fail closed, and waiting helps)."""
+        if key.limited and not self.budgets.store.reachable and key.allows_model(model):
+            return Refusal(
+                503,
+                None,
+                f"key {key.name!r} has a budget or a rate limit and the shared budget store "
+                "is unreachable; retry later",
+                ((b"retry-after", str(UNREACHABLE_RETRY).encode()),),
+            )
         admission = self.budgets.admit(key, model, time.time())
         if admission.ok:
             return None

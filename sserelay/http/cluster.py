@@ -4,6 +4,8 @@
   when it cannot be reached).
 - `publish_topic` (`serve SOURCE --topic NAME`) and `follow_topic` (`serve --follow NAME`):
   a hub over the topic's stream (sserelay.cluster.topic), and the session serving it.
+- `shared_budgets`: keys' budgets and rate windows in Redis (sserelay.cluster.budget), so
+  that N instances together never let a key pass its budget.
 - `watch_instances`: heartbeats in Redis, so a survivor closes a dead instance's open
   ledger rows as `crashed` within seconds.
 
@@ -30,6 +32,7 @@ from sserelay.sources.text import Source
 from sserelay.streaming.hub import Hub, StreamLog
 
 if TYPE_CHECKING:
+    from sserelay.cluster.budget import RedisBudgetStore
     from sserelay.cluster.connection import Connection
 
 Served = tuple[Endpoint, Any, list[str]]
@@ -178,3 +181,19 @@ async def watch_instances(
         yield
     finally:
         await presence.aclose()
+
+
+@contextlib.asynccontextmanager
+async def shared_budgets(cluster: Cluster | None) -> AsyncIterator[RedisBudgetStore | None]:
+    """The budget store every instance on the run's Redis shares (None without Redis);
+    `start()` it with the run's Budgets. On the way out, what waits to be settled is sent."""
+    if cluster is None:
+        yield None
+        return
+    from sserelay.cluster.budget import RedisBudgetStore
+
+    store = RedisBudgetStore(cluster.connection, cluster.instance, cluster.warn)
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sserelay.errors import ConfigError
 from sserelay.http.access import Keys
@@ -30,6 +30,7 @@ from sserelay.http.cluster import (
     follow_topic,
     open_cluster,
     publish_topic,
+    shared_budgets,
     topic_session,
     watch_instances,
 )
@@ -65,6 +66,9 @@ from sserelay.sources.shared import FileText, SharedText
 from sserelay.sources.text import TextSource
 from sserelay.sources.upstream import Timeouts, Upstream
 from sserelay.streaming.hub import Hub
+
+if TYPE_CHECKING:
+    from sserelay.cluster.budget import RedisBudgetStore
 
 #: An instance whose heartbeat is this old (seconds), or 5 checkpoints if longer, is dead:
 #: a run that opens the ledger closes its open rows as `crashed`.
@@ -166,8 +170,9 @@ async def run(
         open_cluster(config.redis, instance, warn) as cluster,
         _ledger(config, meter, warnings, on_warning, instance) as ledger,
         watch_instances(cluster, None if ledger is None else ledger.ledger, _dead_after(config)),
+        shared_budgets(cluster if _has_keys(config) else None) as store,
     ):
-        keys = await _keys(config, None if ledger is None else ledger.ledger)
+        keys = await _keys(config, None if ledger is None else ledger.ledger, store)
         endpoint, signals = await _serve_until_done(
             config,
             tokenizer,
@@ -249,12 +254,19 @@ def _exposed_credential(config: Config) -> str | None:
     )
 
 
-async def _keys(config: Config, ledger: QueuedLedger | None) -> Keys | None:
+def _has_keys(config: Config) -> bool:
+    return config.keys is not None or config.access.token is not None
+
+
+async def _keys(
+    config: Config, ledger: QueuedLedger | None, store: RedisBudgetStore | None = None
+) -> Keys | None:
     """Who may use the relay and how much: the keys file (ConfigError naming its line if it
     is wrong), and `--auth-token` as one anonymous key without limits. Each key's spend
-    this period is read from the ledger, so a restart does not reset anyone's budget."""
+    this period is read from the ledger, so a restart does not reset anyone's budget; with
+    a shared `store` (Redis), what the instances spent together is kept there."""
     token = config.access.token
-    if config.keys is None and token is None:
+    if not _has_keys(config):
         return None
     ring = KeyRing(())
     if config.keys is not None:
@@ -278,7 +290,9 @@ async def _keys(config: Config, ledger: QueuedLedger | None) -> Keys | None:
                 since = datetime.fromtimestamp(period_start(key.period, now), UTC)
                 tokens, cost = await ledger.spent(key.name, since)
                 spent[key.name] = Spend.of(tokens, cost)
-    budgets = Budgets(ring, spent=spent, now=now)
+    budgets = Budgets(ring, spent=spent, now=now, store=store)
+    if store is not None:
+        await store.start(budgets, now)
     return Keys(ring, budgets, record_refusals=config.keys is not None)
 
 

@@ -141,7 +141,7 @@ class StreamSession(Endpoint):
                 heartbeat=self.heartbeat,
                 headers=[*self._headers, request_id_header(client)],
                 stop=self.stop,
-                gate=self.gate(client, self.budget_event(client, None)),
+                gate=self.gate(client, None),
             )
         except ClientDisconnected:
             return (Reason.SLOW_CLIENT if listener.cut else Reason.CLIENT_DISCONNECTED), None

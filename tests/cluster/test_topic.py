@@ -266,3 +266,19 @@ def test_redis_that_does_not_answer_at_start_is_one_line() -> None:
             await Connection.open(f"redis://u:secret@127.0.0.1:{free_port()}/0", print)
 
     run(main)
+
+
+def test_closing_a_hub_mid_read_always_ends_its_reader(redis_server: RedisServer) -> None:
+    # redis-py can swallow a cancel that lands inside one of its calls: the reader must end
+    # wherever the cancel lands (connection.check_cancelled).
+    async def main() -> None:
+        async with connected(redis_server) as connection:
+            for spins in range(10):
+                feed = TopicFeed(connection, "t", warn=lambda message: None)
+                hub = Hub.over(feed, StreamLog())
+                hub.start()
+                for _ in range(spins):
+                    await asyncio.sleep(0)
+                await asyncio.wait_for(hub.aclose(), 2)
+
+    run(main)
