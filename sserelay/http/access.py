@@ -86,7 +86,9 @@ class Keys:
         self.record_refusals = record_refusals
 
     def identify(self, scope: Scope) -> Key | Refusal:
-        """The key the request presents, or why it is refused (401, or 400 for two)."""
+        """The key the request presents, or why it is refused (401, or 400 for two; 503,
+        billing nothing, for a key with a budget or rate limit while their shared store is
+        unreachable: budgets fail closed, and waiting helps)."""
         try:
             given = presented_secret(scope)
         except AmbiguousCredentials as exc:
@@ -101,13 +103,7 @@ class Keys:
                 "KEY, x-api-key: KEY, or ?token=KEY)",
                 ((b"www-authenticate", b"Bearer"),),
             )
-        return key
-
-    def admit(self, key: Key, model: str | None) -> Refusal | None:
-        """None if `key` may start a request for `model` now, else why not (403, 429; 503
-        for a key with a budget or rate limit while their shared store is unreachable:
-        budgets fail closed, and waiting helps)."""
-        if key.limited and not self.budgets.store.reachable and key.allows_model(model):
+        if key.limited and not self.budgets.store.reachable:
             return Refusal(
                 503,
                 None,
@@ -115,6 +111,10 @@ class Keys:
                 "is unreachable; retry later",
                 ((b"retry-after", str(UNREACHABLE_RETRY).encode()),),
             )
+        return key
+
+    def admit(self, key: Key, model: str | None) -> Refusal | None:
+        """None if `key` may start a request for `model` now, else why not (403, 429)."""
         admission = self.budgets.admit(key, model, time.time())
         if admission.ok:
             return None

@@ -16,12 +16,16 @@ import pytest
 from sserelay.cluster import budget as budget_module
 from sserelay.cluster.budget import RedisBudgetStore, block_of
 from sserelay.cluster.connection import Connection
-from sserelay.http.access import Keys
+from sserelay.http.access import Keys, Refusal
 from sserelay.metering.budget import Allowance, Budgets, Spend, cost_units
 from sserelay.metering.keys import Key, KeyRing, secret_digest
 from tests.services import RedisServer
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+
+
+def auth(secret: str) -> tuple[bytes, bytes]:
+    return (b"authorization", f"Bearer {secret}".encode())
 
 
 def key(name: str = "alice", **limits: Any) -> Key:
@@ -213,23 +217,31 @@ def test_redis_lost_fails_closed_for_new_requests_and_open_streams_use_what_they
     async def main() -> None:
         async with instances(redis_server, alice, bob, count=1) as (one,):
             keys = Keys(one.budgets.ring, one.budgets, record_refusals=True)
-            assert keys.admit(alice, None) is None
+
+            def identify(who: Key) -> Key | Refusal:
+                secret = f"secret-{who.name}"
+                return keys.identify(
+                    {"type": "http", "headers": [auth(secret)], "query_string": b""}
+                )
+
+            assert identify(alice) == alice
             stream = one.budgets.allowance(alice, NOW)
             assert await take(stream, 10)  # a block of 100 held here
             redis_server.stop()
             await asyncio.sleep(0.7)  # a sync finds it gone
             assert not one.store.reachable and len(one.warnings) == 1
-            refusal = keys.admit(alice, None)
-            assert refusal is not None and refusal.status == 503 and refusal.reason is None
+            refusal = identify(alice)
+            assert isinstance(refusal, Refusal)
+            assert (refusal.status, refusal.reason) == (503, None)  # billed nothing
             assert dict(refusal.headers)[b"retry-after"] == b"2"
-            assert keys.admit(bob, None) is None
+            assert identify(bob) == bob
             assert await take(stream, 90)  # what it holds
             assert not await take(stream, 1)  # and nothing more
             stream.close()
             await asyncio.to_thread(redis_server.start)
             await asyncio.sleep(0.7)
             assert one.store.reachable and "is back" in one.warnings[-1]
-            assert keys.admit(alice, None) is None
+            assert identify(alice) == alice
 
     run(main)
 

@@ -10,19 +10,23 @@ again mid-stream loses no event for the followers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
-from sserelay import SSEDecoder
+from sserelay import SSEDecoder, count_tokens
 from tests.conftest import Relay, wait_until
 from tests.services import PostgresServer, RedisServer, free_port
 
@@ -282,3 +286,94 @@ def test_a_shared_ledger_sums_every_instance_and_a_survivor_closes_a_dead_ones_r
     # One total for every instance: the survivors' bills and the dead one's checkpoint.
     assert report["total"]["events"] == source_bill["events"] + one_bill["events"] + 40
     assert report["total"]["requests"] == 3
+
+
+# --------------------------------------------------------------------------- shared budgets
+
+ANSWER = " ".join(f"word{n}" for n in range(100)) + "\n"
+SECRET = "sk-relay-test-shared-0123456789"
+BUDGET = 60
+
+
+def shared_gateway(
+    relay: Any, tmp_path: Path, redis: RedisServer, ledger: str, proxies: int = 2
+) -> list[Relay]:
+    """A mock upstream streaming the 100-word answer, and `proxies` proxies in front of it
+    sharing one key (budget_tokens = BUDGET) through Redis and one ledger."""
+    answer = tmp_path / "answer.txt"
+    answer.write_text(ANSWER)
+    keys = tmp_path / "keys.toml"
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    keys.write_text(f'[keys.alice]\nsecret_sha256 = "{digest}"\nbudget_tokens = {BUDGET}\n')
+    upstream: Relay = relay(
+        "serve", str(answer), "--as", "openai", "--chunk", "word", "--rate", "400", "--no-ledger",
+    )  # fmt: skip
+    args = ["--keys", str(keys), "--ledger", ledger, "--redis", redis.url, "--json"]
+    return [relay("proxy", "--upstream", upstream.url + "v1", *args) for _ in range(proxies)]
+
+
+def stream_through(url: str) -> tuple[str, str]:
+    """One streamed chat completion with the openai SDK: (how it ended, the text received)."""
+    received: list[str] = []
+    client = openai.OpenAI(base_url=url, api_key=SECRET, max_retries=0)
+    try:
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "count"}], stream=True
+        )
+        for chunk in stream:
+            if chunk.choices:
+                received.append(chunk.choices[0].delta.content or "")
+    except openai.RateLimitError as exc:  # refused before it started: the budget is spent
+        assert "budget" in exc.message
+        return "refused", ""
+    except openai.APIError as exc:  # cut mid-stream by the budget
+        assert "budget" in str(exc) and "alice" in str(exc)
+        return "cut", "".join(received)
+    finally:
+        client.close()
+    return "complete", "".join(received)
+
+
+def test_two_proxies_sharing_a_key_never_let_it_pass_its_budget(
+    relay: Any, tmp_path: Path, redis_server: RedisServer, postgres_server: PostgresServer
+) -> None:
+    ledger = postgres_server.create_database("e2e_shared_budget")
+    proxies = shared_gateway(relay, tmp_path, redis_server, ledger)
+    urls = [proxies[n % 2].url for n in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # concurrent streams through both
+        outcomes = list(pool.map(stream_through, urls))
+    delivered = sum(count_tokens(text) for _, text in outcomes)
+    assert delivered <= BUDGET
+    assert {how for how, _ in outcomes} <= {"cut", "refused"}  # 100 words each: none fits
+    assert any(how == "cut" for how, _ in outcomes)
+    bills = []
+    for proxy in proxies:
+        proxy.signal(signal.SIGTERM)
+        bills.append(proxy.bill())
+    rows = usage(ledger, "--by", "key")["groups"]
+    alice = next(row for row in rows if row["key"] == "alice")
+    # The ledger's sum for the key: what the clients received, within the budget.
+    assert alice["tokens"] == delivered == sum(bill["tokens"] for bill in bills)
+    assert alice["tokens"] <= BUDGET
+
+
+def test_budgets_fail_closed_while_redis_is_away(
+    relay: Any, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    (proxy,) = shared_gateway(relay, tmp_path, redis_server, str(tmp_path / "u.db"), proxies=1)
+    redis_server.stop()
+    wait_until(lambda: "is unavailable" in proxy.stderr, timeout=10)
+    client = openai.OpenAI(base_url=proxy.url, api_key=SECRET, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["retry-after"] == "2"
+    assert "budget store is unreachable" in refused.value.message
+    redis_server.start()
+    wait_until(lambda: "is back" in proxy.stderr, timeout=10)
+    assert stream_through(proxy.url)[0] == "cut"  # served again, and held to its budget
+    client.close()
+    proxy.signal(signal.SIGTERM)
+    assert [c["reason"] for c in proxy.bill()["clients"]] == ["budget_exhausted"]
