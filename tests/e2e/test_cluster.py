@@ -355,6 +355,14 @@ def test_two_proxies_sharing_a_key_never_let_it_pass_its_budget(
     # The ledger's sum for the key: what the clients received, within the budget.
     assert alice["tokens"] == delivered == sum(bill["tokens"] for bill in bills)
     assert alice["tokens"] <= BUDGET
+    # What every instance spent together, as Redis keeps it.
+    status = subprocess.run(
+        [sys.executable, "-m", "sserelay", "keys", "status", "--keys", str(tmp_path / "keys.toml"),
+         "--ledger", ledger, "--redis", redis_server.url, "--json"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    (row,) = json.loads(status.stdout)["keys"]
+    assert (row["spent_tokens"], row["remaining_tokens"]) == (delivered, BUDGET - delivered)
 
 
 def test_budgets_fail_closed_while_redis_is_away(
