@@ -17,20 +17,21 @@ from __future__ import annotations
 #: ARGV[1] the publisher's id, ARGV[2] the number of this call's first batch (counting per
 #: publisher), ARGV[3..5] the floor (ms, seq, k): what the publisher last saw stored, so ids
 #: and numbers go on rising even if Redis lost the state; ARGV[6] an id to trim the stream
-#: to (XTRIM MINID ~; '' for none); then four per batch: n (its events; 0 for the end of the
-#: stream), the chunks as JSON (the end: its error, '' if none), the tokens as JSON (the
-#: end: the tokens counted at the end), what the count holds back after it.
+#: to (XTRIM MINID ~; '' for none); then five per batch: n (its events; 0 for the end of
+#: the stream), the field of its texts ('c' or 'j'), its texts (the end: its error, '' if
+#: none), its tokens (the end: the tokens counted at the end), what the count holds back
+#: after it (see topic.py for the entry's fields).
 #:
 #: A batch of n events gets the ids ms-(s+1) ... ms-(s+n), s the last seq (or -1 in a new
 #: millisecond), and is stored as one entry whose id is its last event's; `k` is its first
 #: event's number. The end takes one id of its own. A call already stored (the publisher
-#: retrying after a lost reply) is not stored again. Returns {1, ms, k, the last seq of
-#: each batch...}, or {0, ms, k, seq} for a call stored before.
+#: retrying after a lost reply) is not stored again. Returns {1, ms, the next k, the call's
+#: first k, the last seq of each batch...}, or {0, ms, k, k, seq} for a call stored before.
 PUBLISH = r"""
 local state = redis.call('HMGET', KEYS[2], 'ms', 'seq', 'k', 'pub', 'num')
 local first_num = tonumber(ARGV[2])
 if state[4] == ARGV[1] and state[5] and tonumber(state[5]) >= first_num then
-  return {0, state[1], state[3], state[2]}
+  return {0, state[1], state[3], state[3], state[2]}
 end
 local ms, seq, k = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 if state[1] then
@@ -50,21 +51,21 @@ end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 if now > ms then ms, seq = now, -1 end
-local batches = (#ARGV - 6) / 4
-local reply = {1, string.format('%.0f', ms), '', }
+local batches = (#ARGV - 6) / 5
+local reply = {1, string.format('%.0f', ms), '', string.format('%.0f', k)}
 for b = 0, batches - 1 do
-  local at = 7 + 4 * b
+  local at = 7 + 5 * b
   local n = tonumber(ARGV[at])
   local kk = string.format('%.0f', k)
   if n > 0 then
     seq = seq + n
     redis.call('XADD', KEYS[1], string.format('%.0f-%.0f', ms, seq),
-      'k', kk, 'c', ARGV[at + 1], 't', ARGV[at + 2], 'p', ARGV[at + 3])
+      'k', kk, ARGV[at + 1], ARGV[at + 2], 't', ARGV[at + 3], 'p', ARGV[at + 4])
     k = k + n
   else
     seq = seq + 1
     redis.call('XADD', KEYS[1], string.format('%.0f-%.0f', ms, seq),
-      'k', kk, 'e', ARGV[at + 1], 'x', ARGV[at + 2])
+      'k', kk, 'e', ARGV[at + 2], 'x', ARGV[at + 3])
   end
   reply[#reply + 1] = string.format('%.0f', seq)
 end

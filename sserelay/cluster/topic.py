@@ -6,10 +6,25 @@ one stream entry with the `PUBLISH` script: ids from Redis' clock, so they rise 
 publishes, batches pipelined (one round trip carries many), never one per event. The end
 of the source is published too.
 
-Every instance, the publisher included, serves its clients through a `TopicFeed`: one
-reader per instance (not per client) that loads what the stream keeps, then follows it with
-`XREAD BLOCK` and feeds the local hub, whose StreamLog gives each event its stream id. So a
-client can resume with `Last-Event-ID` on any instance: no gap, no duplicate.
+Every instance serves its clients from the stream through a `TopicFeed`: one reader per
+instance (not per client) that loads what the stream keeps, then follows it with `XREAD
+BLOCK` and feeds the local hub, whose StreamLog gives each event its stream id. So a client
+can resume with `Last-Event-ID` on any instance: no gap, no duplicate. The publisher's own
+hub loads what the stream keeps the same way, then gets each batch once Redis has stored
+it, with the ids Redis gave it (the script's reply): the same events and ids as every
+follower, without reading its own batches back.
+
+An entry of the stream (all fields bytes):
+
+    k   the number of its first event (events are numbered 1, 2, ... without a gap, so a
+        reader that finds a jump knows it missed some: trimmed while it was away)
+    c   its events' texts joined by "\n" (none holds one), or, when one does,
+    j   its events' texts as a JSON list
+    t   each event's tokens: little-endian unsigned 32-bit numbers
+    p   what the token count holds back after its last event (a BPE count's open tail)
+
+and the end of a stream, `k` (the number the next event would have), `e` (its error, ''
+if none) and `x` (the tokens counted at the end).
 
 Redis lost mid-run: the publisher keeps what its source gives in a bounded backlog (the
 source is paused when it is full) and retries; a call whose reply was lost is not stored
@@ -20,9 +35,11 @@ truncated`. One warning line when Redis is lost, one when it is back (connection
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +50,7 @@ from redis.exceptions import NoScriptError
 from sserelay.errors import SourceError
 from sserelay.sources.pacing import Pacer, paced
 from sserelay.sources.text import Source
-from sserelay.streaming.hub import Hub, StreamId, StreamLog, counted, format_stream_id
+from sserelay.streaming.hub import Batch, Hub, StreamId, StreamLog, counted, format_stream_id
 
 from .connection import FAILED, Backoff, Connection, check_cancelled, describe
 from .errors import RedisUnavailable
@@ -54,6 +71,39 @@ BACKLOG_EVENTS = 100_000
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
+def encode_chunks(chunks: Sequence[str]) -> tuple[str, str]:
+    """The field and value an entry keeps `chunks` in: `c`, joined by line ends, unless a
+    chunk holds one; then `j`, a JSON list (slower: a line per event is the common case)."""
+    joined = "\n".join(chunks)
+    if joined.count("\n") == len(chunks) - 1:
+        return "c", joined
+    return "j", json.dumps(list(chunks), ensure_ascii=False)
+
+
+def decode_chunks(fields: dict[bytes, bytes]) -> list[str]:
+    if b"c" in fields:
+        return fields[b"c"].decode().split("\n")
+    chunks = json.loads(fields[b"j"])
+    if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks):
+        raise ValueError("j is not a list of texts")
+    return chunks
+
+
+def encode_tokens(tokens: Sequence[int]) -> bytes:
+    numbers = array.array("I", tokens)  # 'I' is 32 bits wherever Python runs
+    if sys.byteorder == "big":
+        numbers.byteswap()
+    return numbers.tobytes()
+
+
+def decode_tokens(data: bytes) -> list[int]:
+    numbers = array.array("I")
+    numbers.frombytes(data)
+    if sys.byteorder == "big":
+        numbers.byteswap()
+    return numbers.tolist()
+
+
 def _predecessor(stream_id: StreamId) -> StreamId:
     ms, seq = stream_id
     return (ms, seq - 1) if seq else (ms - 1, 2**64 - 1)
@@ -63,7 +113,8 @@ class TopicFeed:
     """The reader of one instance: the topic's stream into the hub (see the module).
 
     `load(hub)` reads what the stream keeps before the instance listens (RedisUnavailable
-    if it cannot); the hub then runs `run(hub)`, which follows the stream until cancelled.
+    if it cannot); the hub then runs `run(hub)`, which follows the stream until cancelled
+    (without `follow`, it does not: a publisher feeds its own hub with `stored`).
     `invalid_utf8` reports the publisher's source's replaced bytes (none for a follower)."""
 
     on_demand = False
@@ -75,8 +126,10 @@ class TopicFeed:
         *,
         warn: Callable[[str], None],
         invalid_utf8: Callable[[], int] = lambda: 0,
+        follow: bool = True,
     ) -> None:
         self._connection = connection
+        self._follow = follow
         self._key = topic_stream(topic)
         self._topic = topic
         self._warn = warn
@@ -84,9 +137,10 @@ class TopicFeed:
         self._last = "0-0"  # the id of the last entry read
         self._next_k: int | None = None  # the number the next event should have
         self._skipped = False
-        connection.health.consequences.append(
-            "clients stay connected and get what they missed when it is back"
-        )
+        if follow:
+            connection.health.consequences.append(
+                "clients stay connected and get what they missed when it is back"
+            )
 
     @property
     def invalid_utf8_bytes(self) -> int:
@@ -113,6 +167,8 @@ class TopicFeed:
             ) from None
 
     async def run(self, hub: Hub) -> None:
+        if not self._follow:
+            return  # a publisher's own hub: fed by the publisher (`stored`)
         client = self._connection.client
         health = self._connection.health
         backoff = Backoff()
@@ -149,10 +205,8 @@ class TopicFeed:
                 self._check_number(hub, log, k, (ms, seq))
                 hub.end(error, int(fields.get(b"x", b"0")))
                 return
-            chunks = json.loads(fields[b"c"])
-            tokens = json.loads(fields[b"t"])
-            if not (isinstance(chunks, list) and isinstance(tokens, list)):
-                raise ValueError("chunks and tokens must be lists")
+            chunks = decode_chunks(fields)
+            tokens = decode_tokens(fields[b"t"])
             if len(tokens) != len(chunks):
                 raise ValueError("a token count per chunk")
             batch = log.entry((ms, seq), chunks, tokens, int(fields.get(b"p", b"0")))
@@ -161,12 +215,41 @@ class TopicFeed:
                 self._skipped = True
                 self._warn(f"topic {self._topic!r}: skipped entry {self._last}: {exc}")
             return
-        assert batch.stream_id is not None
-        self._check_number(hub, log, k, batch.stream_id)
+        self._add(hub, batch, k)
+
+    def _add(self, hub: Hub, batch: Batch, k: int) -> None:
+        assert batch.stream_id is not None and isinstance(hub.log, StreamLog)
+        self._check_number(hub, hub.log, k, batch.stream_id)
         if hub.ended:
             hub.reopen()  # a publisher started again after the end
         hub.publish_batch(batch)
-        self._next_k = k + len(chunks)
+        self._next_k = k + batch.events
+
+    def stored(self, hub: Hub, item: _Item, entry_id: StreamId, k: int) -> None:
+        """What this instance's publisher just stored, into its own hub: `item` is the
+        entry `entry_id`, its first event numbered `k`."""
+        self._last = format_stream_id(entry_id)
+        log = hub.log
+        assert isinstance(log, StreamLog)
+        if item.events == 0:
+            self._check_number(hub, log, k, entry_id)
+            hub.end(item.text or None, item.end_tokens)
+            return
+        self._add(hub, log.entry(entry_id, item.chunks, item.tokens, item.pending), k)
+
+    async def catch_up(self, hub: Hub) -> None:
+        """Read what the stream has after the last entry this hub got (a publisher whose
+        reply was lost: the batches are stored, but it never learnt their ids)."""
+        client = self._connection.client
+        while True:
+            entries = cast(
+                Entries,
+                await client.xrange(self._key, "(" + self._last, "+", count=READ_COUNT),
+            )
+            for entry_id, fields in entries:
+                self._apply(hub, entry_id, fields)
+            if len(entries) < READ_COUNT:
+                return
 
     def _check_number(self, hub: Hub, log: StreamLog, k: int, first_id: StreamId) -> None:
         """Events are numbered from 1 without a gap: an entry whose number is not the one
@@ -183,12 +266,27 @@ class TopicFeed:
 
 @dataclass(slots=True)
 class _Item:
-    """A batch of events (or, `events` 0, the end) ready to publish, as the script takes it."""
+    """A batch of events (or, `events` 0, the end) ready to publish: as the publisher's hub
+    takes it, and as the script does (`field` and `text`: the chunks encoded; `counts`: the
+    tokens encoded; for the end, `text` is its error, '' if none)."""
 
     events: int
-    chunks: str  # JSON (the end: its error, '' if none)
-    tokens: str  # JSON (the end: the tokens counted at the end)
+    chunks: Sequence[str]
+    tokens: Sequence[int]
     pending: int
+    field: str
+    text: str
+    counts: bytes
+    end_tokens: int = 0
+
+    @classmethod
+    def batch(cls, chunks: Sequence[str], tokens: Sequence[int], pending: int) -> _Item:
+        field, text = encode_chunks(chunks)
+        return cls(len(chunks), chunks, tokens, pending, field, text, encode_tokens(tokens))
+
+    @classmethod
+    def end(cls, error: str | None, end_tokens: int = 0) -> _Item:
+        return cls(0, (), (), 0, "", error or "", str(end_tokens).encode(), end_tokens)
 
 
 class Publisher:
@@ -196,7 +294,8 @@ class Publisher:
     (see the module). `open()` checks Redis before the run listens; `run()` returns once the
     end of the source is stored (or raises CancelledError when the run stops first).
     `instance` names the publisher (a retried call is recognised by it); `history` is what
-    the stream keeps (events, at least: it is trimmed by whole entries)."""
+    the stream keeps (events, at least: it is trimmed by whole entries). With `mirror`
+    (this instance's feed and hub), each batch goes to the hub once stored, with its ids."""
 
     def __init__(
         self,
@@ -210,8 +309,10 @@ class Publisher:
         pending: Callable[[], int] | None = None,
         pacer: Pacer | None = None,
         history: int,
+        mirror: tuple[TopicFeed, Hub] | None = None,
     ) -> None:
         self._connection = connection
+        self._mirror = mirror
         self._keys = [topic_stream(topic), topic_state(topic)]
         self.topic = topic
         self.source = source
@@ -277,18 +378,11 @@ class Publisher:
         try:
             async for chunks, tokens, pending in paced(batches, self._pacer):
                 await self._room.wait()
-                self._hold(
-                    _Item(
-                        len(chunks),
-                        json.dumps(list(chunks), ensure_ascii=False),
-                        json.dumps(list(tokens)),
-                        pending,
-                    )
-                )
+                self._hold(_Item.batch(chunks, tokens, pending))
             end_tokens = self._count_end() if self._count_end is not None else 0
-            self._hold(_Item(0, "", str(end_tokens), 0))
+            self._hold(_Item.end(None, end_tokens))
         except SourceError as exc:
-            self._hold(_Item(0, str(exc) or "the source failed", "0", 0))
+            self._hold(_Item.end(str(exc) or "the source failed"))
         finally:
             await batches.aclose()
 
@@ -317,9 +411,14 @@ class Publisher:
             check_cancelled()
             health.ok()
             backoff.reset()
-            ended = False
+            ended = lost = False
             for call, reply in zip(calls, replies, strict=True):
                 ended = self._stored(call, reply) or ended
+                lost = lost or int(reply[0]) == 0
+            if lost and self._mirror is not None:
+                with contextlib.suppress(*FAILED):  # what is left comes with the next call
+                    await self._mirror[0].catch_up(self._mirror[1])
+                check_cancelled()
             if not self._backlog:
                 self._ready.clear()
                 await self._trim()
@@ -343,13 +442,13 @@ class Publisher:
         call: list[_Item] = []
         size = 0
         for item in self._backlog:
-            if call and size + len(item.chunks) > CALL_BYTES:
+            if call and size + len(item.text) > CALL_BYTES:
                 calls.append(call)
                 if len(calls) == CALLS_PER_TRIP:
                     return calls
                 call, size = [], 0
             call.append(item)
-            size += len(item.chunks)
+            size += len(item.text)
             if item.events == 0:
                 break  # nothing comes after the end
         if call:
@@ -370,12 +469,12 @@ class Publisher:
             return await self._store(calls)
         return replies
 
-    def _args(self, call: Sequence[_Item], number: int) -> list[str | int]:
+    def _args(self, call: Sequence[_Item], number: int) -> list[str | int | bytes]:
         ms, seq, k = self._floor
         self._trim_due = False
-        args: list[str | int] = [self._instance, number, ms, seq, k, self._minid()]
+        args: list[str | int | bytes] = [self._instance, number, ms, seq, k, self._minid()]
         for item in call:
-            args += [item.events, item.chunks, item.tokens, item.pending]
+            args += [item.events, item.field, item.text, item.counts, item.pending]
         return args
 
     def _minid(self) -> str:
@@ -390,14 +489,19 @@ class Publisher:
 
     def _stored(self, call: list[_Item], reply: list[bytes | int]) -> bool:
         """Take a call off the backlog once Redis has it; True if it held the end."""
-        applied, ms, k = int(reply[0]), int(reply[1]), int(reply[2])
-        seqs = [int(seq) for seq in reply[3:]]
-        self._floor = (ms, seqs[-1], k)
+        applied, ms, k, first = (int(value) for value in reply[:4])
+        seqs = [int(seq) for seq in reply[4:]]
         self._number += len(call)
+        self._floor = (ms, seqs[-1], k)
         for index, item in enumerate(call):
             self._backlog.popleft()
             self.held -= item.events
-            if item.events and applied:
+            if not applied:
+                continue  # stored before: its ids come back with catch_up()
+            if self._mirror is not None:
+                self._mirror[0].stored(self._mirror[1], item, (ms, seqs[index]), first)
+            first += item.events
+            if item.events:
                 self.published += item.events
                 self._keep(format_stream_id((ms, seqs[index])), item.events)
         if self.held < self._limit:

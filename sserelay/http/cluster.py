@@ -95,13 +95,22 @@ async def publish_topic(
     count_end: Callable[[], int] | None,
     pending: Callable[[], int] | None,
 ) -> AsyncIterator[tuple[Hub, asyncio.Task[None]]]:
-    """`serve SOURCE --topic NAME`: the source published to the topic by a task, and the
-    topic read back into this instance's hub (as every follower reads it). What the source
-    gave and Redis never got is said in one warning on the way out."""
+    """`serve SOURCE --topic NAME`: the source published to the topic by a task, and this
+    instance's hub: what the topic keeps, then each batch once Redis has stored it, with
+    the ids Redis gave it (as every follower reads them). What the source gave and Redis
+    never got is said in one warning on the way out."""
     from sserelay.cluster.topic import Publisher, TopicFeed
 
     topic = config.topic
     assert topic is not None
+    feed = TopicFeed(
+        cluster.connection,
+        topic,
+        warn=cluster.warn,
+        invalid_utf8=lambda: source.invalid_utf8_bytes,
+        follow=False,
+    )
+    hub = Hub.over(feed, StreamLog(config.history), max_lag=config.lag_limit)
     publisher = Publisher(
         cluster.connection,
         topic,
@@ -112,18 +121,11 @@ async def publish_topic(
         pending=pending,
         pacer=Pacer(rate=config.rate, delay=config.delay, realtime=config.realtime),
         history=config.history,
+        mirror=(feed, hub),
     )
     await publisher.open()
-    feed = TopicFeed(
-        cluster.connection,
-        topic,
-        warn=cluster.warn,
-        invalid_utf8=lambda: source.invalid_utf8_bytes,
-    )
-    hub = Hub.over(feed, StreamLog(config.history), max_lag=config.lag_limit)
     await feed.load(hub)
     hub.reopen()  # what is published from now on is this run's stream, whatever came before
-    hub.start()
     publishing = asyncio.create_task(publisher.run())
     try:
         yield hub, publishing

@@ -7,8 +7,10 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from itertools import pairwise
+from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sserelay import SSEDecoder
 from sserelay.cluster.connection import Connection
@@ -280,5 +282,45 @@ def test_closing_a_hub_mid_read_always_ends_its_reader(redis_server: RedisServer
                 for _ in range(spins):
                     await asyncio.sleep(0)
                 await asyncio.wait_for(hub.aclose(), 2)
+
+    run(main)
+
+
+def test_the_publishers_own_hub_gets_what_was_stored_with_its_ids_even_after_a_lost_reply(
+    redis_server: RedisServer,
+) -> None:
+    async def main() -> None:
+        source = Gate()
+        async with connected(redis_server) as connection:
+            feed = TopicFeed(connection, "t", warn=lambda message: None, follow=False)
+            own = Hub.over(feed, StreamLog())
+            publisher = Publisher(
+                connection, "t", source, instance="p", count=count_tokens, history=100,
+                mirror=(feed, own),
+            )  # fmt: skip
+            await publisher.open()
+            await feed.load(own)
+            store = publisher._store
+            lost = 0
+
+            async def reply_lost(calls: list[Any]) -> list[list[bytes | int]]:
+                nonlocal lost
+                replies = await store(calls)
+                if lost == 0:  # stored, but the reply never arrives
+                    lost += 1
+                    raise RedisConnectionError("Connection reset by peer")
+                return replies
+
+            publisher._store = reply_lost  # type: ignore[method-assign]
+            async with instance(connection) as follower:
+                theirs = follower.join()
+                mine = own.join()
+                task = asyncio.create_task(publisher.run())
+                source.feed(["a", "b"], ["c"], None)
+                await task
+                got_mine, got_theirs = await rest(mine), await rest(theirs)
+        assert lost == 1
+        assert got_mine == got_theirs and [d for _, d in got_mine] == ["a", "b", "c"]
+        assert own.ended and publisher.held == 0
 
     run(main)
