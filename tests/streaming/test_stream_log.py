@@ -209,3 +209,60 @@ def test_more_after_the_end_reopens_the_stream() -> None:
         assert not hub.ended and hub.end_tokens == 0 and not hub.has_everything(f"{MS}-0")
 
     run(main)
+
+
+class PacedTopic(Topic):
+    """A topic feed that reads as TopicFeed does: at the pace of the fastest listener while
+    any is connected, and on and on while none is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = 0
+
+    async def run(self, hub: Hub) -> None:
+        log = hub.log
+        assert isinstance(log, StreamLog)
+        while True:
+            if hub.listeners:
+                await hub.demanded()
+            item = await self.queue.get()
+            assert item is not None
+            self.read += 1
+            last_id, chunks = item
+            hub.publish_batch(log.entry(last_id, chunks, [1] * len(chunks)))
+
+
+def test_a_topic_is_read_at_the_pace_of_its_listeners_and_on_while_nobody_listens() -> None:
+    async def main() -> None:
+        topic = PacedTopic()
+        hub = Hub.over(topic, StreamLog(clock=lambda: NOW))
+        hub.start()
+        topic.put((MS, 0), ["a"])
+        await asyncio.sleep(0.01)
+        assert topic.read == 1  # nobody listens: the history stays fresh
+        listener = hub.join()
+        assert (await anext(listener)).events == 1  # "a": it has everything, and does not ask
+        topic.put((MS, 1), ["b"])  # the read under way when it joined ends with it
+        topic.put((MS, 2), ["c"])
+        await asyncio.sleep(0.01)
+        assert topic.read == 2  # "c" is held, as a source is, until a listener waits
+        assert (await anext(listener)).events == 1  # "b", from the log: no wait
+        assert (await anext(listener)).events == 1  # "c": it waited, so the reader read
+        assert topic.read == 3
+        topic.put((MS, 3), ["d"])
+        await asyncio.sleep(0.01)
+        assert topic.read == 3
+        await listener.aclose()
+        await asyncio.sleep(0.01)
+        assert topic.read == 4  # the last listener left: reading goes on
+        await hub.aclose()
+
+    run(main)
+
+
+def test_the_end_of_a_stream_is_heard_by_whoever_asked() -> None:
+    ended: list[bool] = []
+    hub = Hub.over(Topic(), StreamLog(clock=lambda: NOW))
+    hub.on_end = lambda: ended.append(hub.ended)
+    hub.end(None, 0)
+    assert ended == [True]
