@@ -12,8 +12,10 @@ stopped here, nothing saved); `one instance`, plain `sserelay serve -`. Two figu
 - throughput: `cluster_lines` short lines (`tok N`) of a file, written into stdin by
   `cat` once a client holds the stream open (so the publisher cannot get ahead of its
   client before the clock starts): events/s to a client of the publisher (the one
-  instance), and in the same run to a client of a follower. The stream keeps every
-  event (`--history`), so a client slower than the publisher misses nothing.
+  instance), and in the same run to a client of a follower, and each instance's CPU per
+  event (what its rate would be on a core of its own: steadier than a rate measured on
+  a shared machine). The stream keeps every event (`--history`), so a client slower than
+  the publisher misses nothing.
 
 All processes share the machine (nothing is pinned): the cluster's three instances and
 Redis on 2 cores is a harder place than one instance alone.
@@ -67,6 +69,7 @@ def cluster_rows(settings: Settings) -> tuple[Row, ...]:
         Row("cluster", "cpu_pct", "publisher (one instance) CPU, % of a core", 0, one),
         Row("cluster", "follower_cpu_pct", "each follower's CPU, % of a core", 0),
         Row("cluster", "redis_cpu_pct", "redis-server CPU, % of a core", 0),
+        Row("cluster", "client_cpu_pct", "the 3 client processes' CPU, % of a core", 0),
         Row(
             "cluster",
             "events_per_s",
@@ -77,6 +80,8 @@ def cluster_rows(settings: Settings) -> tuple[Row, ...]:
             _at_least(500_000.0),
         ),
         Row("cluster", "follower_events_per_s", "throughput to a follower's client, events/s", 0),
+        Row("cluster", "us_per_event", "publisher (one instance) CPU per event, us", 2, one),
+        Row("cluster", "follower_us_per_event", "follower CPU per event, us", 2),
     )
 
 
@@ -163,17 +168,19 @@ async def _fanout(exe: Sequence[str], redis: _Redis | None, settings: Settings) 
                     await load.arm(began, began + int((settings.cluster_seconds + 15) * 1e9))
                 meters = [CPUMeter(server) for server in servers]
                 redis_meter = CPUMeter(redis) if redis is not None else None
+                client_meters = [CPUMeter(load) for load in loads]
                 feed.go()
                 try:
                     outcomes = [await load.result() for load in loads]
                 finally:
-                    for meter in [*meters, *([redis_meter] if redis_meter else [])]:
+                    for meter in [*meters, *client_meters, *([redis_meter] if redis_meter else [])]:
                         await meter.stop()
     lags = [lag for _, delays in outcomes for lag in delays]
     last = max((summary["last_event_ns"] or 0) for summary, _ in outcomes) / 1e9
     metrics = _lag_metrics(lags, "lag_") if lags else {}
     metrics["delivered_pct"] = 100 * len(lags) / (count * settings.cluster_clients * 3)
     metrics["cpu_pct"] = meters[0].percent_until(last)
+    metrics["client_cpu_pct"] = sum(m.percent_until(last) for m in client_meters)
     if redis_meter is not None:
         metrics["follower_cpu_pct"] = sum(m.percent_until(last) for m in meters[1:]) / 2
         metrics["redis_cpu_pct"] = redis_meter.percent_until(last)
@@ -197,6 +204,7 @@ async def _throughput(
             for server in servers[:2]:
                 clients.append(await open_stream(HOST, server.port))
                 await asyncio.wait_for(asyncio.shield(clients[-1].headers_received), 10)
+            meters = [CPUMeter(server) for server in servers]
             start = time.monotonic_ns()
             cat = await spawn(["cat", str(path)], stdout=write_end)
             os.close(write_end)
@@ -206,6 +214,8 @@ async def _throughput(
                 for client in clients:
                     await asyncio.wait_for(asyncio.shield(client.done), timeout)
             finally:
+                for meter in meters:
+                    await meter.stop()
                 for client in clients:
                     client.close()
                 await reap(cat, 5.0)
@@ -220,8 +230,12 @@ async def _throughput(
             raise ServerError(f"a client got {stats.events} of {lines} events")
         rates.append(stats.events / ((stats.last_event_ns - start) / 1e9))
     metrics = {"events_per_s": rates[0]}
+    # CPU per event: what the figure would be on a core of its own, less noisy than a rate.
+    used = [(meter.last[0] - meter.start[0]) * 1e6 / lines for meter in meters]
+    metrics["us_per_event"] = used[0]
     if len(rates) > 1:
         metrics["follower_events_per_s"] = rates[1]
+        metrics["follower_us_per_event"] = used[1]
     return metrics
 
 
