@@ -316,12 +316,6 @@ class StreamLog(EventLog):
             gone = self._batches.popleft()
             self.lost_before = self.id_of(gone, gone.events - 1)
 
-    def skip_to(self, head: int) -> None:
-        """Start numbering at `head` (an empty log: a reader that lost track of the stream)."""
-        if self._batches:
-            raise ValueError("only an empty log can skip")
-        self.head = head
-
 
 class Listener:
     """One client's place in the hub: an async iterator of the Frames to send it.
