@@ -51,6 +51,10 @@ class Settings:
     capacity_window: float = 5.0
     litellm_max_streams: int = 100
     pin: bool = True  # the capacity figure: the proxy on a CPU of its own
+    cluster_clients: int = 300  # per instance
+    cluster_rate: float = 100.0
+    cluster_seconds: float = 5.0
+    cluster_lines: int = 1_000_000
 
     @property
     def lines_file(self) -> Path:

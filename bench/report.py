@@ -192,10 +192,11 @@ def build(
     names: Sequence[str],
     specs: Sequence[Row] = ROWS,
     footnotes: list[str] | None = None,
+    ours: str = "sserelay",
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows (as JSON-ready dicts) of `specs` for the figures that ran, and the
     footnotes (appended to `footnotes` when given: tables built one after another
-    share one numbering)."""
+    share one numbering). Ratios are the column `ours` over each reference."""
     notes: dict[tuple[str, str], int] = {}
     footnotes = [] if footnotes is None else footnotes
 
@@ -227,11 +228,11 @@ def build(
                     text += footnote(row.figure, name, outcome.note)
             cells[name] = text
         ratios = []
-        ours = values.get("sserelay")
+        mine = values.get(ours)
         for ref in row.compare:
             theirs = values.get(ref)
-            if ours is not None and theirs and not math.isnan(ours) and not math.isnan(theirs):
-                ratios.append(f"{ours / theirs:.2f}x {ref}")
+            if mine is not None and theirs and not math.isnan(mine) and not math.isnan(theirs):
+                ratios.append(f"{mine / theirs:.2f}x {ref}")
         met = row.met(values) if row.met else None
         goal = row.goal
         if row.goal:
@@ -251,9 +252,14 @@ def build(
     return rows, footnotes
 
 
-def render(rows: list[dict[str, Any]], footnotes: Sequence[str], names: Sequence[str]) -> str:
+def render(
+    rows: list[dict[str, Any]],
+    footnotes: Sequence[str],
+    names: Sequence[str],
+    ours: str = "sserelay",
+) -> str:
     """One table; `footnotes` printed below it (pass none to print them elsewhere)."""
-    header = ["figure", *names, "ratio (sserelay / ref)", "goal"]
+    header = ["figure", *names, f"ratio ({ours} / ref)", "goal"]
     table = [header]
     for row in rows:
         table.append(

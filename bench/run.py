@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from capacity import PROXY_NAMES, Placement, Proxy, capacity, discover_proxies, fanout10k
+from cluster import CLUSTER_NAMES, cluster, cluster_rows
 from figures import FIGURES, Figure, Outcome, Settings, merge_rounds, write_lines_file
 from lineup import BENCH, NAMES, Contender, discover, kill_leftovers, workdir
 from report import ROWS, Results, build, capacity_rows, render
@@ -40,8 +41,9 @@ SERVE_FIGURES: dict[str, Figure] = {
     for name, figure in [*FIGURES.items(), ("fanout10k", fanout10k)]
     if name != "startup"
 } | {"startup": FIGURES["startup"]}
-#: Every figure: `capacity` runs its own lineup (PROXY_NAMES).
-ALL_FIGURES = (*SERVE_FIGURES, "capacity")
+#: Every figure: `capacity` runs its own lineup (PROXY_NAMES), `cluster` its own two columns
+#: (sserelay on Redis, and one instance: CLUSTER_NAMES).
+ALL_FIGURES = (*SERVE_FIGURES, "capacity", "cluster")
 ALL_NAMES = (*NAMES, *(name for name in PROXY_NAMES if name not in NAMES))
 
 
@@ -88,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fanout10k-clients", type=int, help="fanout10k clients (10000; 2000)")
     parser.add_argument("--fanout10k-seconds", type=float, help="fanout10k stream length (5; 2)")
+    parser.add_argument(
+        "--cluster-clients", type=int, help="cluster: clients per instance (300; 100)"
+    )
+    parser.add_argument("--cluster-seconds", type=float, help="cluster: stream length (5; 2)")
+    parser.add_argument(
+        "--cluster-lines", type=int, help="cluster: throughput lines (1,000,000; 200,000)"
+    )
     parser.add_argument(
         "--no-pin",
         action="store_true",
@@ -139,6 +148,9 @@ def settings_for(args: argparse.Namespace, where: Path) -> Settings:
         capacity_warmup=pick(args.capacity_warmup, 2.0, 1.0),
         litellm_max_streams=pick(args.litellm_max_streams, 100, 100),
         pin=not args.no_pin,
+        cluster_clients=pick(args.cluster_clients, 300, 100),
+        cluster_seconds=pick(args.cluster_seconds, 5.0, 2.0),
+        cluster_lines=pick(args.cluster_lines, 1_000_000, 200_000),
     )
 
 
@@ -197,6 +209,9 @@ async def bench(
             started = time.monotonic()
             results[figure] = await capacity(proxies, settings, log)
             log(f"{figure:>10} all           {time.monotonic() - started:5.1f} s")
+            continue
+        if figure == "cluster":
+            results[figure] = await cluster(settings, log, args.sserelay)
             continue
         runnable = [c for c in lineup if c.available]
         rounds: dict[str, list[Outcome]] = {c.name: [] for c in runnable}
@@ -301,7 +316,20 @@ def main(argv: list[str] | None = None) -> int:
         names = [p.name for p in proxies]
         specs = capacity_rows(settings.capacity_streams, settings.capacity_rate)
         tables.append((build(results, names, specs, footnotes)[0], names))
-    print("\n\n".join(render(rows, [], names) for rows, names in tables if rows), flush=True)
+    ours = {}
+    if "cluster" in results:
+        names = list(CLUSTER_NAMES)
+        rows = build(results, names, cluster_rows(settings), footnotes, ours="cluster")[0]
+        tables.append((rows, names))
+        ours[id(rows)] = "cluster"
+    print(
+        "\n\n".join(
+            render(rows, [], names, ours.get(id(rows), "sserelay"))
+            for rows, names in tables
+            if rows
+        ),
+        flush=True,
+    )
     if footnotes:
         print("\n" + "\n".join(footnotes), flush=True)
     rows = [row for table, _ in tables for row in table]

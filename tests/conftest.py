@@ -19,7 +19,14 @@ from typing import IO, Any, TypeVar
 
 import pytest
 
-from tests.services import PostgresServer, ServiceUnavailable, skip_or_fail, start_postgres
+from tests.services import (
+    PostgresServer,
+    RedisServer,
+    ServiceUnavailable,
+    skip_or_fail,
+    start_postgres,
+    start_redis,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tokens.txt"
@@ -120,6 +127,30 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def redis_session() -> Iterator[RedisServer]:
+    """One private Redis for the session (skipped without it, failed under CI=true)."""
+    try:
+        server = start_redis()
+    except ServiceUnavailable as exc:
+        skip_or_fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def redis_server(redis_session: RedisServer) -> Iterator[RedisServer]:
+    """The session's Redis, running and empty for each test (a test may stop and start it)."""
+    if not redis_session.accepts():
+        redis_session.start()
+    redis_session.flush()
+    yield redis_session
+    if not redis_session.accepts():
+        redis_session.start()
 
 
 @pytest.fixture(autouse=True, scope="session")

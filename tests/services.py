@@ -1,7 +1,7 @@
 """Real services for tests, each started privately: a free loopback port, a temp directory,
 an unprivileged user when the tests run as root, stopped by its own pid.
 
-The shape is meant for every server the suite needs (PostgreSQL here; Redis next):
+The shape is meant for every server the suite needs (PostgreSQL, Redis):
 
     binary = find_binary("redis-server", package="redis-server")   # skip, or fail if CI=true
     process = ServiceProcess([str(binary), "--port", str(port)], workdir)
@@ -287,6 +287,85 @@ def start_postgres(*, durable: bool = False) -> PostgresServer:
     server = PostgresServer(initdb.parent, workdir, free_port(), run_as, durable=durable)
     try:
         server.initdb()
+        server.start()
+    except BaseException:
+        server.remove()
+        raise
+    return server
+
+
+@dataclass
+class RedisServer:
+    """A private Redis: Debian's `redis-server` on a free loopback port, its working directory
+    a temp directory, nothing saved (`--save '' --appendonly no`). `stop()` and `start()`
+    again on the same port model a Redis lost and back (empty: it keeps nothing)."""
+
+    binary: Path
+    workdir: Path
+    port: int
+    service: ServiceProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = [
+            str(self.binary),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        self.service = ServiceProcess(argv, self.workdir, name="redis")
+        self.service.start()
+        self.service.wait_ready(self.accepts)
+
+    def accepts(self) -> bool:
+        """Whether the server answers PING (a bare RESP exchange: no client library needed)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """Run one command and return its raw reply (for tests that poke at the server)."""
+        request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(request.encode())
+            return conn.recv(1 << 20)
+
+    def flush(self) -> None:
+        self.command("FLUSHALL")
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+    def kill(self) -> None:
+        """SIGKILL: every connection drops at once, as when the server dies."""
+        if self.service is not None:
+            self.service.stop(signal.SIGKILL)
+            self.service = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_redis() -> RedisServer:
+    """Start a private Redis. Raises ServiceUnavailable without the Debian package
+    `redis-server`."""
+    binary = find_binary("redis-server", package="redis-server")
+    workdir = Path(tempfile.mkdtemp(prefix="sserelay-redis-"))
+    server = RedisServer(binary, workdir, free_port())
+    try:
         server.start()
     except BaseException:
         server.remove()

@@ -32,6 +32,9 @@ LAYERS = (
     "record",
     "streaming",
     "ledger",
+    # Redis: the topic bus and the shared budget store. Above the hub and the budget policy
+    # it serves (streaming, metering), below the run that builds it (http).
+    "cluster",
     "http",
     "cli",
 )

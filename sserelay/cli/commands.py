@@ -68,11 +68,17 @@ def serve(**options: Any) -> None:
     line is reported if CMD fails (non-zero exit: input_error). It is stopped
     with its children (SIGTERM, then SIGKILL) when the run ends.
 
+    With --redis URL --topic NAME the stream is published to a Redis stream
+    that any number of instances serve with --redis URL --follow NAME; event
+    ids are the topic's, so a client resumes on any of them.
+
     \b
     Examples:
       cat tokens.txt | sserelay serve --port 8000
       sserelay serve -- python3 generate.py --n 100
       curl -N http://127.0.0.1:8000/
+      sserelay serve answer.txt --redis redis://127.0.0.1:6379/0 --topic news
+      sserelay serve --redis redis://127.0.0.1:6379/0 --follow news --port 8001
     """
     from sserelay.http.config import MockConfig, ServeConfig
 
@@ -91,7 +97,7 @@ def serve(**options: Any) -> None:
             raise click.UsageError("--once goes with --as (a plain stream ends by itself)")
         config: Config = _config(ServeConfig, **common, **paced, **options)
     else:
-        for name in ("keep", "history", "max_lag", "linger"):
+        for name in ("keep", "history", "max_lag", "linger", "topic", "follow"):
             if ctx.get_parameter_source(name) is not _DEFAULT:
                 flag = option_of(name)
                 raise click.UsageError(f"{flag} is for a broadcast stream; --as answers "
@@ -172,6 +178,7 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
         "keys": options.pop("keys"),
         "admin_token": options.pop("admin_token"),
         "metrics": not options.pop("no_metrics"),
+        "redis": options.pop("redis"),
     }
 
 

@@ -55,8 +55,15 @@ def new(name: str) -> None:
     metavar="TARGET",
     help="The ledger that holds what the keys spent [default: the default ledger].",
 )
+@option(
+    "--redis",
+    env="REDIS",
+    metavar="URL",
+    help="The Redis that instances share budgets on: its figures, every instance's "
+    "(seeded from the ledger where it has none).",
+)
 @option("--json", "as_json", env="JSON", is_flag=True, help="One JSON object.")
-def status(keys_file: str, ledger: str | None, as_json: bool) -> None:
+def status(keys_file: str, ledger: str | None, redis: str | None, as_json: bool) -> None:
     """Each key's budget, what it spent this period, what is left and when it resets."""
     import json
 
@@ -84,8 +91,32 @@ def status(keys_file: str, ledger: str | None, as_json: bool) -> None:
                 found[key.name] = Spend.of(tokens, cost)
         return found
 
+    async def shared() -> list[KeyStatus]:
+        from sserelay.cluster.budget import RedisBudgetStore
+        from sserelay.cluster.connection import Connection
+
+        seeds = await spent()
+        said: list[str] = []
+        connection = await Connection.open(redis or "", said.append)
+        try:
+            store = RedisBudgetStore(connection, "keys-status", said.append)
+            budgets = Budgets(ring, spent=seeds, now=now, store=store)
+            await store.start(budgets, now)
+            await store.aclose()
+            return budgets.status(now)
+        finally:
+            await connection.aclose()
+
     try:
-        rows: list[KeyStatus] = Budgets(ring, spent=run_event_loop(spent()), now=now).status(now)
+        if redis is None:
+            rows: list[KeyStatus] = Budgets(ring, spent=run_event_loop(spent()), now=now).status(
+                now
+            )
+        else:
+            rows = run_event_loop(shared())
+    except ImportError:
+        click.echo("sserelay: error: --redis needs pip install 'sserelay[redis]'", err=True)
+        sys.exit(EXIT_ERROR)
     except SSERelayError as exc:
         click.echo(f"sserelay: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)

@@ -198,6 +198,9 @@ common_options = apply(
         option("--checkpoint", env="CHECKPOINT", type=Finite(open_low=True), default=1.0,
                show_default=True, metavar="SECONDS",
                help="Save open rows' figures to the ledger this often (what a crash can lose)."),
+        option("--redis", env="REDIS", metavar="URL",
+               help="Share keys' budgets and rate limits with every instance on this Redis "
+               "(redis://HOST:PORT/DB); serve can publish or follow a topic there."),
     ]
 )  # fmt: skip
 
@@ -237,6 +240,13 @@ serve_options = apply(
         option("--once", env="ONCE", is_flag=True,
                help="With --as: exit when the first completion request (with --as recorded, "
                "the first request) ends, with its bill and code."),
+        option("--topic", env="TOPIC", metavar="NAME",
+               help="With --redis: publish the stream to topic NAME for other instances "
+               "(serve --follow NAME) and serve it from there; ids are the topic's, so a "
+               "client resumes on any instance."),
+        option("--follow", env="FOLLOW", metavar="NAME",
+               help="With --redis: serve topic NAME, published by another instance (no "
+               "SOURCE), until Ctrl-C."),
     ]
 )  # fmt: skip
 

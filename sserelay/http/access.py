@@ -23,6 +23,8 @@ from sserelay.metering.reason import Reason
 SECRET_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key")
 #: Query parameters that may carry it (an EventSource cannot send headers).
 SECRET_PARAMS = ("token", "key")
+#: Retry-After (seconds) of a request refused while the shared budget store is unreachable.
+UNREACHABLE_RETRY = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,9 @@ class Keys:
         self.record_refusals = record_refusals
 
     def identify(self, scope: Scope) -> Key | Refusal:
-        """The key the request presents, or why it is refused (401, or 400 for two)."""
+        """The key the request presents, or why it is refused (401, or 400 for two; 503,
+        billing nothing, for a key with a budget or rate limit while their shared store is
+        unreachable: budgets fail closed, and waiting helps)."""
         try:
             given = presented_secret(scope)
         except AmbiguousCredentials as exc:
@@ -98,6 +102,14 @@ class Keys:
                 f"unauthorized: the request presents {what} (send Authorization: Bearer "
                 "KEY, x-api-key: KEY, or ?token=KEY)",
                 ((b"www-authenticate", b"Bearer"),),
+            )
+        if key.limited and not self.budgets.store.reachable:
+            return Refusal(
+                503,
+                None,
+                f"key {key.name!r} has a budget or a rate limit and the shared budget store "
+                "is unreachable; retry later",
+                ((b"retry-after", str(UNREACHABLE_RETRY).encode()),),
             )
         return key
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from sserelay.cluster.keys import check_topic
 from sserelay.errors import ConfigError
 from sserelay.http.access import Access
 from sserelay.metering.tokens import tokenizer_names
@@ -24,6 +25,9 @@ from sserelay.record.format import AS_RECORDED
 from sserelay.record.recorder import RECORD_MODES
 from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_LINGER, DEFAULT_MAX_LAG
 from sserelay.wire.chunking import CHUNK_MODES
+
+#: What a `--redis` URL may start with (redis-py's schemes).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _finite(name: str, value: float | None, *, low: float = 0.0, open_low: bool = False) -> None:
@@ -69,6 +73,9 @@ class RunConfig:
     metrics: bool = True
     #: what a request must present to read them; None: loopback clients only
     admin_token: str | None = None
+    #: a Redis URL (`redis://`, `rediss://`, `unix://`): keys' budgets and rate limits are
+    #: shared with every instance on it, and `serve` may publish or follow a topic there
+    redis: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -86,6 +93,8 @@ class RunConfig:
             raise ConfigError("the ledger target is empty", "ledger")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ConfigError("the admin token is empty", "admin_token")
+        if self.redis is not None and not self.redis.startswith(REDIS_SCHEMES):
+            raise ConfigError("a Redis URL starts with redis://, rediss:// or unix://", "redis")
         access = self.access
         if access.token is not None and not access.token.strip():
             raise ConfigError("the token is empty", "auth_token")
@@ -143,10 +152,15 @@ class ServeConfig(_Paced):
     max_lag: int | None = None
     #: seconds a stream waits for a resume after its last client left before the end
     linger: float = DEFAULT_LINGER
+    #: publish the source to this topic on `redis` (and serve it from there)
+    topic: str | None = None
+    #: serve this topic on `redis`, published by another instance: no source
+    follow: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _finite("linger", self.linger)
+        self._check_topic()
         if not isinstance(self.history, int) or self.history < 0:
             raise ConfigError(f"{self.history!r} is not a number of events", "history")
         if self.max_lag is not None:
@@ -158,6 +172,28 @@ class ServeConfig(_Paced):
                     "the history starts that far behind",
                     "max_lag",
                 )
+
+    def _check_topic(self) -> None:
+        for name in ("topic", "follow"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                check_topic(value)
+            except ValueError as exc:
+                raise ConfigError(str(exc), name) from None
+            if self.redis is None:
+                raise ConfigError("a topic lives on Redis: give --redis URL", name)
+            if not self.ids:
+                raise ConfigError("a topic's events carry their stream ids: drop --no-ids", name)
+        if self.follow is None:
+            return
+        if self.topic is not None:
+            raise ConfigError("--topic publishes a source, --follow serves one: not both", "follow")
+        if self.command or self.source != "-":
+            raise ConfigError("--follow serves a topic: it takes no SOURCE nor command", "follow")
+        if self.rate is not None or self.delay or self.realtime:
+            raise ConfigError("--follow serves the topic as published: no pacing", "follow")
 
     @property
     def lag_limit(self) -> int:

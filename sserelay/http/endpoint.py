@@ -151,12 +151,23 @@ class Endpoint:
         """The error event that ends a client's stream when its key's budget is spent."""
         return stream_error_event(api, budget_message(client), "budget_exhausted", sse=sse)
 
-    def gate(self, client: ClientMeter, error_event: bytes) -> BudgetGate | None:
-        """The budget gate of a client whose key has a budget (None: nothing to check)."""
+    def gate(self, client: ClientMeter, api: str | None, *, sse: bool = True) -> BudgetGate | None:
+        """The budget gate of a client whose key has a budget (None: nothing to check); its
+        stream ends with an error event in `api`'s streaming shape (`sse` false: a line of
+        NDJSON) saying that the budget is spent, or that its shared store is lost."""
         if client.allowance is None:
             return None
         price = self.meter.pricing.output_price(client.model)
-        return BudgetGate(client.allowance, client, price_per_token=price, error_event=error_event)
+        unavailable = stream_error_event(
+            api, unavailable_message(client), "budget_unavailable", sse=sse
+        )
+        return BudgetGate(
+            client.allowance,
+            client,
+            price_per_token=price,
+            error_event=self.budget_event(client, api, sse=sse),
+            unavailable_event=unavailable,
+        )
 
     async def serve_client(
         self,
@@ -233,6 +244,15 @@ def budget_message(client: ClientMeter) -> str:
     return (
         f"budget exhausted: the next event would take key {key.name!r} past its{period} "
         f"budget of {' and '.join(budgets) or 'tokens'}"
+    )
+
+
+def unavailable_message(client: ClientMeter) -> str:
+    """Why a client's stream was cut while the shared budget store (Redis) is lost."""
+    name = "" if client.allowance is None else f"key {client.allowance.key.name!r}: "
+    return (
+        f"budget unavailable: {name}the shared budget store is unreachable and this stream "
+        "has used what was reserved for it; retry later"
     )
 
 

@@ -228,7 +228,7 @@ class Mock(Endpoint):
             frames = self._whole(answer, passes, prompt_tokens, tokenizer)
             headers = [*JSON_HEADERS, *self.access.cors_headers]
         headers.append(request_id_header(client))
-        gate = self.gate(client, self.budget_event(client, self.provider))
+        gate = self.gate(client, self.provider)
         try:
             await relay_frames(
                 sink,

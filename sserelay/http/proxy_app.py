@@ -254,10 +254,7 @@ class Proxy(Endpoint):
             client.tokenizer = tokenizer.name, estimate
             gated = client.allowance is not None
             relay, headers = self._relay_for(response, strip_usage, tokenizer, hold=gated)
-            gate = self.gate(
-                client,
-                self.budget_event(client, api, sse=response.content_type == "text/event-stream"),
-            )
+            gate = self.gate(client, api, sse=response.content_type == "text/event-stream")
             progress = _Progress()
             if recording is not None:
                 recording.start(sent, response.status, headers)

@@ -21,10 +21,19 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sserelay.errors import ConfigError
 from sserelay.http.access import Keys
+from sserelay.http.cluster import (
+    Cluster,
+    follow_topic,
+    open_cluster,
+    publish_topic,
+    shared_budgets,
+    topic_session,
+    watch_instances,
+)
 from sserelay.http.config import Config, MockConfig, ProxyConfig, ServeConfig
 from sserelay.http.endpoint import Endpoint
 from sserelay.http.mock_app import COMPLETION_PATHS, Mock, create_mock_app
@@ -58,6 +67,9 @@ from sserelay.sources.shared import FileText, SharedText
 from sserelay.sources.text import TextSource
 from sserelay.sources.upstream import Timeouts, Upstream
 from sserelay.streaming.hub import Hub
+
+if TYPE_CHECKING:
+    from sserelay.cluster.budget import RedisBudgetStore
 
 #: An instance whose heartbeat is this old (seconds), or 5 checkpoints if longer, is dead:
 #: a run that opens the ledger closes its open rows as `crashed`.
@@ -151,8 +163,20 @@ async def run(
         warnings.append(exposed)
         if on_warning is not None:
             on_warning(exposed)
-    async with _ledger(config, meter, warnings, on_warning) as ledger:
-        keys = await _keys(config, None if ledger is None else ledger.ledger)
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    instance = new_instance_id()
+    async with (
+        open_cluster(config.redis, instance, warn) as cluster,
+        _ledger(config, meter, warnings, on_warning, instance) as ledger,
+        watch_instances(cluster, None if ledger is None else ledger.ledger, _dead_after(config)),
+        shared_budgets(cluster if _has_keys(config) else None) as store,
+    ):
+        keys = await _keys(config, None if ledger is None else ledger.ledger, store)
         endpoint, signals = await _serve_until_done(
             config,
             tokenizer,
@@ -163,6 +187,7 @@ async def run(
             sock,
             ledger,
             keys,
+            cluster,
         )
         bill = meter.bill(endpoint.reason or Reason.INTERRUPTED)
     return RunResult(
@@ -185,10 +210,11 @@ async def _serve_until_done(
     sock: socket.socket | None,
     ledger: _LedgerUse | None,
     keys: Keys | None,
+    cluster: Cluster | None,
 ) -> tuple[Endpoint, list[int]]:
     """Serve `config` until its endpoint finishes; the endpoint and the signals seen."""
     async with (
-        _serving(config, tokenizer, meter, warnings) as (endpoint, app, notes),
+        _serving(config, tokenizer, meter, warnings, cluster) as (endpoint, app, notes),
         _monitoring(config, tokenizer, meter, endpoint, ledger, keys) as monitor,
     ):
         endpoint.keys = keys
@@ -238,12 +264,19 @@ def _exposed_credential(config: Config) -> str | None:
     )
 
 
-async def _keys(config: Config, ledger: QueuedLedger | None) -> Keys | None:
+def _has_keys(config: Config) -> bool:
+    return config.keys is not None or config.access.token is not None
+
+
+async def _keys(
+    config: Config, ledger: QueuedLedger | None, store: RedisBudgetStore | None = None
+) -> Keys | None:
     """Who may use the relay and how much: the keys file (ConfigError naming its line if it
     is wrong), and `--auth-token` as one anonymous key without limits. Each key's spend
-    this period is read from the ledger, so a restart does not reset anyone's budget."""
+    this period is read from the ledger, so a restart does not reset anyone's budget; with
+    a shared `store` (Redis), what the instances spent together is kept there."""
     token = config.access.token
-    if config.keys is None and token is None:
+    if not _has_keys(config):
         return None
     ring = KeyRing(())
     if config.keys is not None:
@@ -267,7 +300,9 @@ async def _keys(config: Config, ledger: QueuedLedger | None) -> Keys | None:
                 since = datetime.fromtimestamp(period_start(key.period, now), UTC)
                 tokens, cost = await ledger.spent(key.name, since)
                 spent[key.name] = Spend.of(tokens, cost)
-    budgets = Budgets(ring, spent=spent, now=now)
+    budgets = Budgets(ring, spent=spent, now=now, store=store)
+    if store is not None:
+        await store.start(budgets, now)
     return Keys(ring, budgets, record_refusals=config.keys is not None)
 
 
@@ -354,6 +389,7 @@ async def _ledger(
     meter: Meter,
     warnings: list[str],
     on_warning: Callable[[str], None] | None,
+    instance: str,
 ) -> AsyncIterator[_LedgerUse | None]:
     """The config's ledger, opened before anything listens (LedgerError if it cannot be),
     with the rows of dead instances closed as `crashed`, written to from the meter's hook
@@ -361,7 +397,6 @@ async def _ledger(
     if config.ledger is None:
         yield None
         return
-    instance = new_instance_id()
 
     def warn(message: str) -> None:
         # Said now (a lost database must not wait for the exit) and kept for the result.
@@ -372,7 +407,7 @@ async def _ledger(
     ledger = open_ledger(config.ledger, instance=instance, on_warning=warn)
     await ledger.open()
     use = _LedgerUse(ledger)
-    dead_after = max(DEAD_AFTER, 5 * config.checkpoint)
+    dead_after = _dead_after(config)
     try:
         await ledger.recover(dead_after=dead_after)
         writer = LedgerWriter(
@@ -404,6 +439,10 @@ async def _ledger(
             warnings.append(f"ledger {ledger.display}: {report.error}")
 
 
+def _dead_after(config: Config) -> float:
+    return max(DEAD_AFTER, 5 * config.checkpoint)
+
+
 def _tokenizer(name: str) -> Tokenizer:
     """The run's tokenizer, loaded now (a missing vocabulary package is said before the
     start); for `auto`, the encoding a request without a known model gets."""
@@ -426,13 +465,17 @@ def _price_list(config: Config) -> PriceList | None:
 
 @contextlib.asynccontextmanager
 async def _serving(
-    config: Config, tokenizer: Tokenizer, meter: Meter, warnings: list[str]
+    config: Config,
+    tokenizer: Tokenizer,
+    meter: Meter,
+    warnings: list[str],
+    cluster: Cluster | None = None,
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
     """The endpoint for `config`, billing on `meter`, its ASGI app, and the lines said under
     `serving on URL`; what it holds is released on the way out, after the server stops,
     with anything that went wrong on the side added to `warnings`."""
     if isinstance(config, ServeConfig):
-        serving = _serve(config, tokenizer, meter)
+        serving = _serve(config, tokenizer, meter, cluster)
     elif isinstance(config, MockConfig):
         serving = _mock(config, tokenizer, meter)
     else:
@@ -451,9 +494,18 @@ def _check_realtime(realtime: bool, name: str, timed: bool) -> None:
 
 @contextlib.asynccontextmanager
 async def _serve(
-    config: ServeConfig, tokenizer: Tokenizer, meter: Meter
+    config: ServeConfig, tokenizer: Tokenizer, meter: Meter, cluster: Cluster | None = None
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
-    """`serve`: one hub over the source, broadcast to every client, and /ui."""
+    """`serve`: one hub over the source, broadcast to every client, and /ui (with a topic,
+    the source published to Redis, or no source: the topic followed)."""
+    if config.follow is not None:
+        assert cluster is not None  # the config requires --redis
+        async with follow_topic(config, meter, cluster) as hub:
+            session = topic_session(config, hub, meter, None)
+            page = ui_page(tokenizer=tokenizer.name, chunk=config.chunk, payloads="", mode="serve")
+            note = f"following topic {config.follow} on redis {cluster.connection.display}"
+            yield session, create_app(session, ui=page), [note]
+        return
     source: TextSource | RecordingSource | CommandSource
     if config.command:
         source = CommandSource(config.command, config.chunk)
@@ -463,7 +515,7 @@ async def _serve(
         source = TextSource(config.source, config.chunk)
     _check_realtime(config.realtime, source.name, source.timed)
     async with source:
-        async with _serve_source(config, tokenizer, meter, source) as served:
+        async with _serve_source(config, tokenizer, meter, source, cluster) as served:
             yield served
 
 
@@ -473,6 +525,7 @@ async def _serve_source(
     tokenizer: Tokenizer,
     meter: Meter,
     source: TextSource | RecordingSource | CommandSource,
+    cluster: Cluster | None = None,
 ) -> AsyncIterator[tuple[Endpoint, Any, list[str]]]:
     # A line is whole, so it is counted alone; words and raw reads are pieces of one text,
     # counted over the joined text (a word split in two is one token; a BPE count holds
@@ -490,6 +543,17 @@ async def _serve_source(
     if isinstance(source, RecordingSource) or config.chunk != "line":
         count, count_end = counter.feed, counter.flush
         pending = counter.pending if tokenizer.holds_back else None
+    page = ui_page(tokenizer=tokenizer.name, chunk=config.chunk, payloads=payloads, mode="serve")
+    if config.topic is not None:
+        assert cluster is not None  # the config requires --redis
+        published = publish_topic(
+            config, cluster, source, count=count, count_end=count_end, pending=pending
+        )
+        async with published as (hub, publishing):
+            session = topic_session(config, hub, meter, publishing)
+            note = f"publishing to topic {config.topic} on redis {cluster.connection.display}"
+            yield session, create_app(session, ui=page), [note]
+        return
     hub = Hub(
         source,
         count=count,
@@ -508,7 +572,6 @@ async def _serve_source(
         access=config.access,
         linger=config.linger,
     )
-    page = ui_page(tokenizer=tokenizer.name, chunk=config.chunk, payloads=payloads, mode="serve")
     if os.environ.get("SSERELAY_DEBUG_TASKS") == "1":
         # For the leak tests only; not an option, not documented to users.
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _print_tasks)

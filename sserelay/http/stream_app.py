@@ -10,7 +10,7 @@ import asyncio
 import html
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,6 +34,10 @@ from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 RETRY_MS = 1000
 RETRY = f"retry: {RETRY_MS}\n".encode()
 
+#: Whose stream a session serves: its own source's ("source"), its source's as published
+#: to a topic for other instances too ("publisher"), or a topic's ("follower").
+Role = Literal["source", "publisher", "follower"]
+
 
 class StreamSession(Endpoint):
     """One run of `serve`: one hub, served to every client that connects.
@@ -44,7 +48,12 @@ class StreamSession(Endpoint):
     abandoned: the source is no longer read, and the run's reason is that
     client's). With `keep` it ends only on interrupt() (Ctrl-C
     or SIGTERM); a source that fails ends it in both modes once the clients
-    have what was read before the failure."""
+    have what was read before the failure.
+
+    A `publisher`'s source is read to its end whoever listens (other instances' clients
+    do), so no client abandons it: the run ends once the end is published and its own
+    clients have finished (or on interrupt, with `keep`). A `follower` serves a topic
+    until interrupted, whatever happens to the topic's source."""
 
     def __init__(
         self,
@@ -56,20 +65,24 @@ class StreamSession(Endpoint):
         access: Access | None = None,
         keys: Keys | None = None,
         linger: float = 0.0,
+        role: Role = "source",
     ) -> None:
         super().__init__(meter, access=access, keys=keys)
         self.hub = hub
         self.heartbeat = heartbeat
-        self.keep = keep
+        self.keep = keep or role == "follower"
+        self.role = role
         self.linger = linger
         self._lingering: asyncio.TimerHandle | None = None
         self._headers = [*SSE_HEADERS, *self.access.cors_headers]
+        if role == "publisher":
+            hub.on_end = self._stream_over
 
     def _interrupted(self) -> None:
         self.hub.stop()
 
     def _finish(self, reason: Reason, error: str | None = None) -> None:
-        self.meter.invalid_utf8_bytes = self.hub.source.invalid_utf8_bytes
+        self.meter.invalid_utf8_bytes = self.hub.invalid_utf8_bytes
         super()._finish(reason, error)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -147,7 +160,7 @@ class StreamSession(Endpoint):
                 heartbeat=self.heartbeat,
                 headers=[*self._headers, request_id_header(client)],
                 stop=self.stop,
-                gate=self.gate(client, self.budget_event(client, None)),
+                gate=self.gate(client, None),
             )
         except ClientDisconnected:
             return (Reason.SLOW_CLIENT if listener.cut else Reason.CLIENT_DISCONNECTED), None
@@ -171,12 +184,16 @@ class StreamSession(Endpoint):
             return
         if self.stopping:
             self._finish(Reason.INTERRUPTED)
+        elif self.role == "follower":
+            return
         elif self.hub.error is not None:
             self._finish(Reason.INPUT_ERROR, self.hub.error)
         elif self.keep:
             return
         elif self.hub.ended:
             self._finish(Reason.COMPLETE)
+        elif self.role != "source":
+            return  # a publisher's source is read to its end whoever listens; see the class
         elif self.linger > 0:  # left before the end: a resume may come (a network blip)
             loop = asyncio.get_running_loop()
             self._lingering = loop.call_later(self.linger, self._abandon, bill)
@@ -190,6 +207,15 @@ class StreamSession(Endpoint):
             return
         self.hub.stop()
         self._finish(bill.reason, bill.error)
+
+    def _stream_over(self) -> None:
+        """A publisher's stream has ended (its end read back from the topic): the run ends
+        now if none of its clients is still taking it."""
+        if not self.open and not self.stopping and not self.keep:
+            if self.hub.error is not None:
+                self._finish(Reason.INPUT_ERROR, self.hub.error)
+            else:
+                self._finish(Reason.COMPLETE)
 
 
 async def _end_now(sink: ASGISink, abort: Callable[[], None] | None) -> None:

@@ -40,7 +40,9 @@ Decisions:
   refused until the reset. So a cost budget can be passed by the input cost of the request
   that crosses it, never by output delivered.
 - `tokens_per_minute` counts billed tokens in one-second buckets over the last 60 seconds. It
-  refuses new requests only: it never cuts a running stream.
+  refuses new requests only: it never cuts a running stream. With several instances, each
+  counts its own tokens per event and a shared store adds what the others counted
+  (`RateWindow.set_elsewhere`), as last heard.
 """
 
 from __future__ import annotations
@@ -136,12 +138,13 @@ class RateWindow:
     treated as one that stood still, so no bucket is overwritten early.
     """
 
-    __slots__ = ("_counts", "_latest", "_seconds")
+    __slots__ = ("_counts", "_elsewhere", "_latest", "_seconds")
 
     def __init__(self) -> None:
         self._counts = [0] * _WINDOW
         self._seconds = [-_WINDOW - 1] * _WINDOW  # the second each bucket counts; none yet
         self._latest = -_WINDOW - 1
+        self._elsewhere: dict[int, int] = {}
 
     def _second(self, now: float) -> int:
         second = math.floor(now)
@@ -164,14 +167,31 @@ class RateWindow:
             self._seconds[slot] = second
             self._counts[slot] = tokens
 
-    def _live(self, now: float) -> list[tuple[int, int]]:
-        """(second, tokens) of the buckets still in the window at `now`, oldest first."""
+    def local(self, now: float) -> list[tuple[int, int]]:
+        """(second, tokens) added here that are still in the window at `now`, oldest first."""
         second = self._second(now)
         return sorted(
             (at, count)
             for at, count in zip(self._seconds, self._counts, strict=True)
             if second - _WINDOW < at <= second and count
         )
+
+    def set_elsewhere(self, counts: Mapping[int, int]) -> None:
+        """What other instances added, per second (epoch), as a shared store last heard:
+        counted in `used` and `retry_after` along with what was added here."""
+        self._elsewhere = dict(counts)
+
+    def _live(self, now: float) -> list[tuple[int, int]]:
+        """(second, tokens) of the buckets still in the window at `now`, oldest first."""
+        live = self.local(now)
+        if not self._elsewhere:
+            return live
+        second = self._second(now)
+        merged = dict(live)
+        for at, count in self._elsewhere.items():
+            if second - _WINDOW < at <= second and count > 0:
+                merged[at] = merged.get(at, 0) + count
+        return sorted(merged.items())
 
     def used(self, now: float) -> int:
         """The tokens added in the 60 seconds up to `now`."""
@@ -234,10 +254,20 @@ class BudgetStore(Protocol):
 
     `reserve` is the only call that may wait (a Redis round trip); the others are synchronous:
     a networked store answers `committed` and `available` from what it last heard (every
-    `reserve` reply refreshes it) and sends `seed` and `settle` in the background. That is safe
-    because only `reserve` hands out budget, and it decides on the shared truth. Amounts in a
-    dimension that the key does not cap (budget None) are 0 in `available` and in grants.
+    `reserve` reply refreshes it, and it refreshes what it knows in the background) and sends
+    `seed` and `settle` in the background. That is safe because only `reserve` hands out
+    budget, and it decides on the shared truth. Amounts in a dimension that the key does not
+    cap (budget None) are 0 in `available` and in grants.
+
+    `reachable` says whether the store can hand out budget now: a networked store that lost
+    its server says False (and grants nothing), so new requests of limited keys are refused
+    (503) while the streams running go on within what they hold: budgets fail closed.
     """
+
+    @property
+    def reachable(self) -> bool:
+        """Whether `reserve` can grant anything now (False: the shared store is lost)."""
+        ...
 
     def seed(self, account: Account, spent: Spend) -> None:
         """Set what the account has spent, read from the ledger at start, unless the store
@@ -286,6 +316,9 @@ class MemoryBudgetStore:
     It keeps each key's latest period, and older ones while a reservation on them is open:
     the first reservation in a new period forgets the key's finished ones.
     """
+
+    #: one process's memory is always there
+    reachable = True
 
     def __init__(self, block: Spend | None = None) -> None:
         self.block = block
@@ -499,6 +532,11 @@ class Allowance:
     def closed(self) -> bool:
         return self._pool is None
 
+    @property
+    def reachable(self) -> bool:
+        """Whether the budget's store can grant more now (see BudgetStore.reachable)."""
+        return self._budgets.store.reachable
+
     def _live(self) -> _Pool:
         if self._pool is None:
             raise ValueError("this allowance is closed")
@@ -610,9 +648,18 @@ class Budgets:
                 if key.name in spent:
                     self.store.seed(self._account(key, at), spent[key.name])
 
+    @property
+    def windows(self) -> Mapping[str, RateWindow]:
+        """The rate window of each key with `tokens_per_minute`, by key name."""
+        return self._windows
+
     @staticmethod
     def _account(key: Key, now: float) -> Account:
         return Account(key, period_start(key.period, now))
+
+    def account(self, key: Key, now: float) -> Account:
+        """What `key`'s budget is counted against in the period holding `now`."""
+        return self._account(key, now)
 
     def _settle(self, pool: _Pool) -> None:
         account = pool.account

@@ -7,7 +7,8 @@ holds back) are taken from the stream's `Allowance`. A Frames that does not fit 
 written at all; the stream is then cut with one last event in its API's streaming shape
 (`error_event`), which says why, and its response ends cleanly. The cut falls between two
 writes (one upstream read, one hub batch), so a stream may stop a few tokens short of the
-budget, never past it.
+budget, never past it. A shared store that is lost fails closed: a stream goes on within what
+its instance holds, and is cut when that is spent, with an event that says why.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class BudgetGate:
     """Checks each Frames of one stream against `allowance`. `price_per_token` is the cost
     of one output token for the stream's model (0 where unpriced), for a cost budget."""
 
-    __slots__ = ("_allowance", "_client", "_price", "error_event", "exhausted")
+    __slots__ = ("_allowance", "_client", "_price", "_unavailable", "error_event", "exhausted")
 
     def __init__(
         self,
@@ -30,12 +31,15 @@ class BudgetGate:
         *,
         price_per_token: float,
         error_event: bytes,
+        unavailable_event: bytes | None = None,
     ) -> None:
         self._allowance = allowance
         self._client = client
         self._price = price_per_token
         #: what the stream ends with once the budget is spent (an error in its API's shape)
         self.error_event = error_event
+        #: ... or once its reservation is spent while the shared budget store is lost
+        self._unavailable = unavailable_event
         #: set once a Frames did not fit: the stream ends after the error event
         self.exhausted = False
 
@@ -57,4 +61,6 @@ class BudgetGate:
         if await self._allowance.refill(need, cost) and self._allowance.try_take(need, cost):
             return True
         self.exhausted = True
+        if self._unavailable is not None and not self._allowance.reachable:
+            self.error_event = self._unavailable  # not spent: it cannot be granted more now
         return False

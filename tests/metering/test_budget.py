@@ -611,3 +611,14 @@ def test_concurrent_tasks_with_a_waiting_store_stay_within_the_budget(
         assert sum(delivered) > 500 - 9  # nobody was cut while enough was left
     assert store.committed(Account(alice, 0.0)) == Spend(sum(delivered))
     assert store.available(Account(alice, 0.0)) == Spend(500 - sum(delivered))
+
+
+def test_a_window_counts_what_other_instances_added_as_last_heard() -> None:
+    window = RateWindow()
+    window.add(30, NOW)
+    window.set_elsewhere({math.floor(NOW): 50, math.floor(NOW) - 30: 15, math.floor(NOW) - 90: 99})
+    assert window.local(NOW) == [(math.floor(NOW), 30)]
+    assert window.used(NOW) == 95  # 30 here, 65 elsewhere within the minute
+    assert window.retry_after(NOW, 90) == 30.0  # once the 15 from 30 s ago leave the window
+    window.set_elsewhere({})
+    assert window.used(NOW) == 30

@@ -168,15 +168,16 @@ def test_encode_comment_is_comment_lines_the_decoder_ignores(text: str, wire: by
 @given(
     st.lists(st.one_of(st.text(), st.text(alphabet="ab \r\n")), max_size=8),
     st.one_of(st.none(), st.integers(min_value=0, max_value=10**12)),
+    st.sampled_from(["", "1700000000000-"]),
 )
 def test_encode_batch_is_the_events_joined_with_their_ends(
-    chunks: list[str], first_id: int | None
+    chunks: list[str], first_id: int | None, prefix: str
 ) -> None:
-    payload, ends = encode_batch(chunks, first_id)
+    payload, ends = encode_batch(chunks, first_id, prefix)
     if first_id is None:
         parts = [encode_data(chunk) for chunk in chunks]
     else:
-        parts = [encode_data(chunk, str(first_id + i)) for i, chunk in enumerate(chunks)]
+        parts = [encode_data(chunk, f"{prefix}{first_id + i}") for i, chunk in enumerate(chunks)]
     assert payload == b"".join(parts)
     assert [payload[start:end] for start, end in pairwise([0, *ends])] == parts
 
