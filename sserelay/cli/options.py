@@ -16,7 +16,8 @@ from sserelay.metering.tokens import tokenizer_names
 from sserelay.providers.answers import PROVIDERS
 from sserelay.providers.payloads import PAYLOAD_KINDS
 from sserelay.record.format import AS_RECORDED
-from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_LINGER, DEFAULT_MAX_LAG
+from sserelay.streaming.hub import DEFAULT_LINGER, DEFAULT_MAX_LAG
+from sserelay.streaming.log import DEFAULT_HISTORY
 from sserelay.wire.chunking import CHUNK_MODES
 
 #: Exit codes: a reason's, or one of these.

@@ -50,7 +50,8 @@ from redis.exceptions import NoScriptError
 from sserelay.errors import SourceError
 from sserelay.sources.pacing import Pacer, paced
 from sserelay.sources.text import Source
-from sserelay.streaming.hub import Batch, Hub, StreamId, StreamLog, counted, format_stream_id
+from sserelay.streaming.hub import Hub, counted
+from sserelay.streaming.log import Batch, StreamId, StreamLog, format_stream_id
 
 from .connection import FAILED, Backoff, Connection, check_cancelled, describe
 from .errors import RedisUnavailable

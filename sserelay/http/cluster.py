@@ -29,7 +29,8 @@ from sserelay.ledger import LedgerError, QueuedLedger
 from sserelay.metering.meter import Meter
 from sserelay.sources.pacing import Pacer
 from sserelay.sources.text import Source
-from sserelay.streaming.hub import Hub, StreamLog
+from sserelay.streaming.hub import Hub
+from sserelay.streaming.log import StreamLog
 
 if TYPE_CHECKING:
     from sserelay.cluster.budget import RedisBudgetStore

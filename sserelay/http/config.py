@@ -23,7 +23,8 @@ from sserelay.providers.answers import PROVIDERS
 from sserelay.providers.payloads import PAYLOAD_KINDS
 from sserelay.record.format import AS_RECORDED
 from sserelay.record.recorder import RECORD_MODES
-from sserelay.streaming.hub import DEFAULT_HISTORY, DEFAULT_LINGER, DEFAULT_MAX_LAG
+from sserelay.streaming.hub import DEFAULT_LINGER, DEFAULT_MAX_LAG
+from sserelay.streaming.log import DEFAULT_HISTORY
 from sserelay.wire.chunking import CHUNK_MODES
 
 #: What a `--redis` URL may start with (redis-py's schemes).

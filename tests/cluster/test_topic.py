@@ -20,7 +20,8 @@ from sserelay.cluster.topic import Publisher, TopicFeed
 from sserelay.errors import SourceError
 from sserelay.metering.tokens import count_tokens
 from sserelay.sources.text import Batch
-from sserelay.streaming.hub import HISTORY_TRUNCATED, Hub, Listener, StreamLog
+from sserelay.streaming.hub import HISTORY_TRUNCATED, Hub, Listener
+from sserelay.streaming.log import StreamLog
 from tests.services import RedisServer, free_port
 
 Event = tuple[str | None, str]

@@ -16,7 +16,8 @@ from sserelay.errors import SourceError
 from sserelay.metering.tokens import count_tokens
 from sserelay.sources.pacing import Pacer
 from sserelay.sources.text import Batch, TimedBatch
-from sserelay.streaming.hub import HISTORY_TRUNCATED, EventLog, Hub, Listener, parse_event_id
+from sserelay.streaming.hub import HISTORY_TRUNCATED, Hub, Listener
+from sserelay.streaming.log import EventLog, parse_event_id
 from sserelay.wire.frames import Frames
 from sserelay.wire.sse import encode_data
 

@@ -12,14 +12,8 @@ from hypothesis import strategies as st
 
 from sserelay import SSEDecoder
 from sserelay.metering.tokens import count_tokens
-from sserelay.streaming.hub import (
-    HISTORY_TRUNCATED,
-    Hub,
-    Listener,
-    StreamId,
-    StreamLog,
-    parse_stream_id,
-)
+from sserelay.streaming.hub import HISTORY_TRUNCATED, Hub, Listener
+from sserelay.streaming.log import StreamId, StreamLog, parse_stream_id
 from sserelay.wire.frames import Frames
 
 MS = 1_700_000_000_000
