@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sserelay.metering import accounts as accounts_module
 from sserelay.metering import budget as budget_module
 from sserelay.metering import keys as keys_module
 from sserelay.metering.budget import (
@@ -80,7 +81,7 @@ class Clock:
 # --------------------------------------------------------------------------- the layer rule
 
 
-@pytest.mark.parametrize("module", [budget_module, keys_module])
+@pytest.mark.parametrize("module", [budget_module, accounts_module, keys_module])
 def test_the_budget_modules_are_pure(module: Any) -> None:
     tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
     imported = {
