@@ -16,12 +16,12 @@ import os
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from . import lines
-from .base import MAX_QUEUED, Clock, Warn, utc_now
+from .base import Warn, utc_now
 from .errors import LedgerError, one_line
-from .queued import QueuedLedger
+from .queued import QueuedLedger, QueueOptions
 from .row import UsageRow
 from .schema import is_dead
 from .store import FileStore, StoreUnavailable, Write, make_parents
@@ -206,18 +206,10 @@ class JSONLinesLedger(QueuedLedger):
         path: Path,
         *,
         instance: str | None,
-        on_warning: Warn | None = None,
-        max_queued: int = MAX_QUEUED,
-        retry: tuple[float, float] = (0.05, 2.0),
-        fallback_dir: Path | None = None,
-        clock: Clock = utc_now,
+        **options: Unpack[QueueOptions],
     ) -> None:
         super().__init__(
             JSONLinesStore(path, lambda message: self._warn(message)),
             instance=instance,
-            on_warning=on_warning,
-            max_queued=max_queued,
-            retry=retry,
-            fallback_dir=fallback_dir,
-            clock=clock,
+            **options,
         )

@@ -21,12 +21,11 @@ import socket
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .base import MAX_QUEUED, Clock, Warn, utc_now
 from .errors import LedgerError
-from .queued import QueuedLedger
+from .queued import QueuedLedger, QueueOptions
 from .row import UsageRow
 from .schema import (
     USAGE_COLUMNS,
@@ -378,19 +377,11 @@ class PostgresLedger(QueuedLedger):
         url: str,
         *,
         instance: str | None,
-        on_warning: Warn | None = None,
         timeout: float = TIMEOUT_S,
-        max_queued: int = MAX_QUEUED,
-        retry: tuple[float, float] = (0.05, 2.0),
-        fallback_dir: Path | None = None,
-        clock: Clock = utc_now,
+        **options: Unpack[QueueOptions],
     ) -> None:
         super().__init__(
             PostgresStore(url, timeout=timeout),
             instance=instance,
-            on_warning=on_warning,
-            max_queued=max_queued,
-            retry=retry,
-            fallback_dir=fallback_dir,
-            clock=clock,
+            **options,
         )

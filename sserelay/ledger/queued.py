@@ -27,7 +27,7 @@ from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, TypedDict
 
 from . import lines
 from .base import MAX_QUEUED, Clock, LedgerCloseReport, Warn, default_state_dir, utc_now
@@ -36,6 +36,16 @@ from .row import UsageRow
 from .store import Store, StoreUnavailable, Write, WriteKind
 
 _log = logging.getLogger("sserelay.ledger")
+
+
+class QueueOptions(TypedDict, total=False):
+    """How a `QueuedLedger` queues, retries and spills; every backend takes the same."""
+
+    on_warning: Warn | None
+    max_queued: int
+    retry: tuple[float, float]
+    fallback_dir: Path | None
+    clock: Clock
 
 
 class QueuedLedger:

@@ -20,12 +20,11 @@ import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, Unpack
 from urllib.parse import quote
 
-from .base import MAX_QUEUED, Clock, Warn, utc_now
 from .errors import LedgerError, one_line
-from .queued import QueuedLedger
+from .queued import QueuedLedger, QueueOptions
 from .row import TIMESTAMP_COLUMNS, UsageRow, format_timestamp, parse_timestamp
 from .schema import (
     USAGE_COLUMNS,
@@ -368,22 +367,14 @@ class SQLiteLedger(QueuedLedger):
         path: Path,
         *,
         instance: str | None,
-        on_warning: Warn | None = None,
         busy_timeout: float = BUSY_TIMEOUT_S,
-        max_queued: int = MAX_QUEUED,
-        retry: tuple[float, float] = (0.05, 2.0),
-        fallback_dir: Path | None = None,
-        clock: Clock = utc_now,
+        **options: Unpack[QueueOptions],
     ) -> None:
         self.store = SQLiteStore(path, busy_timeout=busy_timeout)
         super().__init__(
             self.store,
             instance=instance,
-            on_warning=on_warning,
-            retry=retry,
-            fallback_dir=fallback_dir,
-            clock=clock,
-            max_queued=max_queued,
+            **options,
         )
 
     @property
