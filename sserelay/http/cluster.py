@@ -100,7 +100,8 @@ async def publish_topic(
     instance's hub: what the topic keeps, then each batch once Redis has stored it, with
     the ids Redis gave it (as every follower reads them). What the source gave and Redis
     never got is said in one warning on the way out."""
-    from sserelay.cluster.topic import Publisher, TopicFeed
+    from sserelay.cluster.publisher import Publisher
+    from sserelay.cluster.topic import TopicFeed
 
     topic = config.topic
     assert topic is not None

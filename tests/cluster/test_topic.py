@@ -16,7 +16,8 @@ from sserelay import SSEDecoder
 from sserelay.cluster.connection import Connection
 from sserelay.cluster.errors import RedisUnavailable
 from sserelay.cluster.keys import topic_stream
-from sserelay.cluster.topic import Publisher, TopicFeed
+from sserelay.cluster.publisher import Publisher
+from sserelay.cluster.topic import TopicFeed
 from sserelay.errors import SourceError
 from sserelay.metering.tokens import count_tokens
 from sserelay.sources.text import Batch
