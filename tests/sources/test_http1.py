@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sserelay.errors import UpstreamError
-from sserelay.sources import http1
+from sserelay.sources import http1, http1_response
 from sserelay.sources.http1 import (
     ConnectError,
     LocalProtocolError,
@@ -70,10 +70,10 @@ class FakeTransport:
         self.reading = True
 
 
-def exchange(method: bytes = b"GET") -> tuple[http1._Connection, Response, FakeTransport, Pool]:
+def exchange(method: bytes = b"GET") -> tuple[http1.Connection, Response, FakeTransport, Pool]:
     """A connection on a fake transport with one request sent on it."""
     pool = Pool(connect_timeout=1, read_timeout=None)
-    connection = http1._Connection(pool, ORIGIN, asyncio.get_running_loop())
+    connection = http1.Connection(pool, ORIGIN, asyncio.get_running_loop())
     transport = FakeTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     response = Response(connection, method, None)
@@ -248,7 +248,7 @@ def test_closing_before_the_end_closes_the_connection_after_it_keeps_it() -> Non
 
 
 def test_a_slow_reader_pauses_the_socket_and_resumes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http1, "MAX_BUFFERED", 10)
+    monkeypatch.setattr(http1_response, "MAX_BUFFERED", 10)
 
     async def scenario() -> list[object]:
         connection, response, transport, _ = exchange()
