@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sserelay.providers.payloads import openai_chunk, openai_usage_chunk
+from sserelay.providers.openai_chunks import openai_chunk, openai_usage_chunk
 from sserelay.wire.sse import Event
 
 #: The names `--as` accepts.

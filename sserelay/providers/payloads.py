@@ -28,6 +28,8 @@ from typing import Any
 
 from sserelay.metering.usage import Usage
 
+from .reported import anthropic_usage, openai_usage, responses_usage, usage_from
+
 PAYLOAD_KINDS: tuple[str, ...] = (
     "auto",
     "openai",
@@ -97,85 +99,6 @@ def _is_done(data: str) -> bool:
     return data == _DONE or data.strip() == _DONE
 
 
-def _count(value: object) -> int | None:
-    """A reported token count: a non-negative integer (JSON may spell it `12.0`), else None."""
-    if isinstance(value, bool):  # bool is an int subclass; `true` is no count
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
-    return None
-
-
-def _usage(
-    report: object,
-    input_key: str,
-    output_key: str,
-    total_key: str = "",
-    *,
-    cached: tuple[str, ...] = (),
-    creation: str = "",
-    reasoning: tuple[str, ...] = (),
-    excludes_cache: bool = False,
-) -> Usage | None:
-    """The counts under these keys of `report` (`cached` and `reasoning` are paths into
-    nested objects); None when it reports none (JSON null included)."""
-    if not isinstance(report, dict):
-        return None
-    usage = Usage(
-        _count(report.get(input_key)),
-        _count(report.get(output_key)),
-        _count(report.get(total_key)) if total_key else None,
-        _count(_at(report, cached)),
-        _count(report.get(creation)) if creation else None,
-        _count(_at(report, reasoning)),
-        excludes_cache,
-    )
-    return None if usage.empty else usage
-
-
-def _at(report: dict[str, Any], path: tuple[str, ...]) -> object:
-    """The value at `path` in nested objects, or None."""
-    value: object = report if path else None
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def _openai_usage(report: object) -> Usage | None:
-    return _usage(
-        report,
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        cached=("prompt_tokens_details", "cached_tokens"),
-        reasoning=("completion_tokens_details", "reasoning_tokens"),
-    )
-
-
-def _responses_usage(report: object) -> Usage | None:
-    return _usage(
-        report,
-        "input_tokens",
-        "output_tokens",
-        "total_tokens",
-        cached=("input_tokens_details", "cached_tokens"),
-        reasoning=("output_tokens_details", "reasoning_tokens"),
-    )
-
-
-def _anthropic_usage(report: object) -> Usage | None:
-    return _usage(
-        report,
-        "input_tokens",
-        "output_tokens",
-        cached=("cache_read_input_tokens",),
-        creation="cache_creation_input_tokens",
-        excludes_cache=True,
-    )
-
-
 def _str(value: object) -> str:
     return value if isinstance(value, str) else ""
 
@@ -221,7 +144,7 @@ def _openai(obj: dict[str, Any], event: str | None) -> Delta:
     # With stream_options.include_usage every chunk has `usage: null` except the last one,
     # whose `choices` is empty.
     report = obj.get("usage")
-    usage = None if report is None else _openai_usage(report)
+    usage = None if report is None else openai_usage(report)
     return Delta("".join(parts), usage, _model(obj.get("model")))
 
 
@@ -239,7 +162,7 @@ def _responses(obj: dict[str, Any], event: str | None) -> Delta:
     response = obj.get("response")
     if not isinstance(response, dict):
         return _NOTHING
-    usage = _responses_usage(response.get("usage"))
+    usage = responses_usage(response.get("usage"))
     return Delta("", usage, _model(response.get("model")), kind in _RESPONSES_END)
 
 
@@ -255,13 +178,13 @@ def _anthropic(obj: dict[str, Any], event: str | None) -> Delta:
         return _NOTHING
     if kind == "message_delta":
         # Cumulative counts: output_tokens always, input_tokens only from some relays.
-        return Delta(usage=_anthropic_usage(obj.get("usage")))
+        return Delta(usage=anthropic_usage(obj.get("usage")))
     if kind == "message_start":
         message = obj.get("message")
         if not isinstance(message, dict):
             return _NOTHING
         # output_tokens here is a placeholder (1 or so) that the message_delta supersedes.
-        usage = _anthropic_usage(message.get("usage"))
+        usage = anthropic_usage(message.get("usage"))
         return Delta("", usage, _model(message.get("model")))
     if kind == "content_block_start":
         block = obj.get("content_block")
@@ -279,7 +202,7 @@ def _ollama(obj: dict[str, Any], event: str | None) -> Delta:
     text = _str(message.get("content")) if isinstance(message, dict) else _str(obj.get("response"))
     # The counts come on the last line only (done: true); prompt_eval_count may be missing
     # when the prompt was cached, which is "not reported", not 0.
-    usage = _usage(obj, "prompt_eval_count", "eval_count")
+    usage = usage_from(obj, "prompt_eval_count", "eval_count")
     return Delta(text, usage, _model(obj.get("model")), obj.get("done") is True)
 
 
@@ -295,7 +218,7 @@ def _gemini(obj: dict[str, Any], event: str | None) -> Delta:
                 parts.append(_str(part.get("text")))
     # usageMetadata rides on every chunk as running totals; candidatesTokenCount excludes
     # thoughtsTokenCount, totalTokenCount includes it.
-    usage = _usage(
+    usage = usage_from(
         obj.get("usageMetadata"),
         "promptTokenCount",
         "candidatesTokenCount",
@@ -463,16 +386,16 @@ def whole_answer(answer: dict[str, Any]) -> Delta | None:
     messages = [c["message"] for c in choices if isinstance(c.get("message"), dict)]
     if messages:
         text = "".join(_str(message.get("content")) for message in messages)
-        return Delta(text, _openai_usage(answer.get("usage")), model)
+        return Delta(text, openai_usage(answer.get("usage")), model)
     if answer.get("object") == "response":
         parts: list[str] = []
         for output in _dicts(answer.get("output")):
             if output.get("type") == "message":
                 parts += _texts(output.get("content"), "output_text")
-        return Delta("".join(parts), _responses_usage(answer.get("usage")), model)
+        return Delta("".join(parts), responses_usage(answer.get("usage")), model)
     if answer.get("type") == "message" and isinstance(answer.get("content"), list):
         text = "".join(_texts(answer.get("content"), "text"))
-        return Delta(text, _anthropic_usage(answer.get("usage")), model)
+        return Delta(text, anthropic_usage(answer.get("usage")), model)
     return None
 
 
@@ -482,44 +405,3 @@ def is_usage_chunk(delta: Delta, data: str) -> bool:
         return False
     obj = _load(data)
     return isinstance(obj, dict) and obj.get("choices") == []
-
-
-def openai_chunk(
-    id: str,
-    model: str,
-    created: int,
-    content: str | None = None,
-    role: str | None = None,
-    finish_reason: str | None = None,
-) -> dict[str, Any]:
-    """A `chat.completion.chunk` with one choice; `delta` holds only the fields given."""
-    delta: dict[str, str] = {}
-    if role is not None:
-        delta["role"] = role
-    if content is not None:
-        delta["content"] = content
-    return {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
-
-
-def openai_usage_chunk(
-    id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int
-) -> dict[str, Any]:
-    """The last chunk sent under `stream_options.include_usage`: no choices, the usage."""
-    return {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }

@@ -27,7 +27,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from sserelay import count_tokens
-from sserelay.providers.payloads import PayloadMeter, openai_chunk
+from sserelay.providers.openai_chunks import openai_chunk
+from sserelay.providers.payloads import PayloadMeter
 from sserelay.record.format import Block, Chunk, Header
 from sserelay.wire.sse import Event, SSEDecoder
 from tests.conftest import Relay, require_tool, wait_until
