@@ -138,7 +138,7 @@ def tokenizer_for(
     With `load` false, a tokenizer not loaded yet is a LookupError instead of a load (which
     takes a second: the caller then loads it off the event loop)."""
     if name == AUTO:
-        from sserelay.metering.bpe import encoding_for_model
+        from sserelay.metering.encodings import encoding_for_model
 
         name, estimate = encoding_for_model(model)
     else:

