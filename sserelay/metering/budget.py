@@ -50,9 +50,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import NamedTuple
 
 from sserelay.metering.accounts import (
     COST_UNITS,
@@ -66,7 +63,9 @@ from sserelay.metering.accounts import (
     next_reset,
     period_start,
 )
-from sserelay.metering.keys import Key, KeyRing, Period
+from sserelay.metering.keys import Key, KeyRing
+
+from .admission import Admission, KeyStatus, Refusal, Remaining
 
 __all__ = [
     "COST_UNITS",
@@ -85,72 +84,6 @@ __all__ = [
     "next_reset",
     "period_start",
 ]
-
-# --------------------------------------------------------------------------- admission
-
-
-class Refusal(StrEnum):
-    """Why a request was refused; the values are the bill's and the ledger's reasons."""
-
-    UNAUTHORIZED = "unauthorized"
-    FORBIDDEN = "forbidden"
-    BUDGET_EXHAUSTED = "budget_exhausted"
-    RATE_LIMITED = "rate_limited"
-
-
-_STATUS = {
-    Refusal.UNAUTHORIZED: 401,
-    Refusal.FORBIDDEN: 403,
-    Refusal.BUDGET_EXHAUSTED: 429,
-    Refusal.RATE_LIMITED: 429,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """The answer to "may this request start?": `ok`, or a `reason` with what to tell the client.
-
-    `status` is the HTTP status (200 when ok). `retry_after` is whole seconds for a
-    `Retry-After` header, at least 1; None when waiting will not help (401, 403, or a "total"
-    budget that is spent). `message` is one line that names the key and says why.
-    """
-
-    key: Key | None
-    reason: Refusal | None = None
-    retry_after: int | None = None
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
-
-    @property
-    def status(self) -> int:
-        return 200 if self.reason is None else _STATUS[self.reason]
-
-
-class Remaining(NamedTuple):
-    """What a key may still spend this period; None in a dimension it does not cap. Never < 0."""
-
-    tokens: int | None
-    cost: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class KeyStatus:
-    """One row of `sserelay keys status` (and the figures behind `/metrics`)."""
-
-    name: str
-    period: Period
-    budget_tokens: int | None
-    budget_cost: float | None
-    spent_tokens: int
-    spent_cost: float
-    remaining_tokens: int | None
-    remaining_cost: float | None
-    resets_at: float | None
-    tokens_per_minute: int | None
-    tokens_last_minute: int | None
 
 
 def _model_shown(model: str) -> str:
