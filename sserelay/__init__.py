@@ -29,6 +29,7 @@ from sserelay.wire.sse import Event, SSEDecoder, encode_comment, encode_event
 
 if TYPE_CHECKING:
     from sserelay.http.config import MockConfig, ProxyConfig, ServeConfig
+    from sserelay.http.limits import RequestLimits
     from sserelay.http.run import RunResult, run
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MockConfig": "sserelay.http.config",
     "ProxyConfig": "sserelay.http.config",
+    "RequestLimits": "sserelay.http.limits",
     "RunResult": "sserelay.http.run",
     "ServeConfig": "sserelay.http.config",
     "run": "sserelay.http.run",
@@ -66,6 +68,7 @@ __all__ = [
     "NoFlushError",
     "ProxyConfig",
     "Reason",
+    "RequestLimits",
     "RunResult",
     "SSEDecoder",
     "SSERelayError",

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from sserelay.http.config import Config
+    from sserelay.http.limits import RequestLimits
     from sserelay.http.run import Running, RunResult
 
 
@@ -160,6 +161,7 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
         ledger = str(default_ledger_path())
     tokenizer = options.pop("tokenizer") or ("auto" if ledger_by_default else "whitespace")
 
+    limits = _limits(options)
     access = Access(
         token=options.pop("auth_token"),
         max_clients=options.pop("max_clients"),
@@ -179,7 +181,25 @@ def _common(options: dict[str, Any], *, ledger_by_default: bool) -> dict[str, An
         "admin_token": options.pop("admin_token"),
         "metrics": not options.pop("no_metrics"),
         "redis": options.pop("redis"),
+        "limits": limits,
     }
+
+
+def _limits(options: dict[str, Any]) -> RequestLimits:
+    """The request limits (taken out of `options`), or a usage error on the bad one."""
+    from sserelay.errors import ConfigError
+    from sserelay.http.limits import RequestLimits
+
+    try:
+        return RequestLimits(
+            line_bytes=options.pop("max_line_bytes"),
+            head_bytes=options.pop("max_head_bytes"),
+            headers=options.pop("max_headers"),
+            head_timeout=options.pop("head_timeout"),
+            body_bytes=options.pop("max_body_bytes"),
+        )
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint=_hint(exc.field)) from None
 
 
 def _config(kind: Callable[..., Config], **fields: Any) -> Config:

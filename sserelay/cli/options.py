@@ -202,6 +202,21 @@ common_options = apply(
         option("--redis", env="REDIS", metavar="URL",
                help="Share keys' budgets and rate limits with every instance on this Redis "
                "(redis://HOST:PORT/DB); serve can publish or follow a topic there."),
+        option("--max-line-bytes", env="MAX_LINE_BYTES", type=click.IntRange(min=1),
+               default=16 * 1024, show_default=True, metavar="BYTES",
+               help="A longer request line gets 414, a longer header line 431."),
+        option("--max-head-bytes", env="MAX_HEAD_BYTES", type=click.IntRange(min=1),
+               default=64 * 1024, show_default=True, metavar="BYTES",
+               help="A longer request head (request line and headers) gets 431."),
+        option("--max-headers", env="MAX_HEADERS", type=click.IntRange(min=1), default=100,
+               show_default=True, metavar="N", help="More header lines get 431."),
+        option("--head-timeout", env="HEAD_TIMEOUT", type=Finite(open_low=True), default=10.0,
+               show_default=True, metavar="SECONDS",
+               help="Close a connection whose request head is not complete this long after "
+               "it began."),
+        option("--max-body-bytes", env="MAX_BODY_BYTES", type=click.IntRange(min=1),
+               default=64 * 1024 * 1024, show_default=True, metavar="BYTES",
+               help="A longer request body (serve --as, proxy) gets 413."),
     ]
 )  # fmt: skip
 
@@ -297,6 +312,10 @@ OPTION_OF_FIELD = {
     "source": "SOURCE",
     "command": "CMD",
     "upstream_headers": "--upstream-header",
+    "line_bytes": "--max-line-bytes",
+    "head_bytes": "--max-head-bytes",
+    "headers": "--max-headers",
+    "body_bytes": "--max-body-bytes",
 }
 
 

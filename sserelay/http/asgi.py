@@ -27,8 +27,6 @@ T = TypeVar("T")
 CONNECTION_EXTENSION = "sserelay.connection"
 #: The ASGI extension whose `abort()` closes the connection at once with a reset.
 ABORT_EXTENSION = "sserelay.abort"
-#: The largest request body the mock and the proxy read (a prompt with images is large).
-MAX_REQUEST_BODY = 64 * 1024 * 1024
 
 
 class ASGISink:

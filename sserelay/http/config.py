@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from sserelay.cluster.keys import check_topic
 from sserelay.errors import ConfigError
 from sserelay.http.access import Access
+from sserelay.http.limits import RequestLimits
 from sserelay.metering.tokens import tokenizer_names
 from sserelay.providers.answers import PROVIDERS
 from sserelay.providers.payloads import PAYLOAD_KINDS
@@ -77,6 +78,8 @@ class RunConfig:
     #: a Redis URL (`redis://`, `rediss://`, `unix://`): keys' budgets and rate limits are
     #: shared with every instance on it, and `serve` may publish or follow a topic there
     redis: str | None = None
+    #: bounds on each request's head, the time it takes to arrive, and its body
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:

@@ -23,6 +23,7 @@ from starlette.types import Scope, Send
 
 from sserelay.http.access import Access, Keys, Refusal
 from sserelay.http.asgi import header, peer, send_json, send_response
+from sserelay.http.limits import RequestLimits
 from sserelay.metering.bill import ClientBill, RequestFacts
 from sserelay.metering.keys import Key
 from sserelay.metering.meter import ClientMeter, Meter, is_valid_request_id
@@ -53,6 +54,8 @@ class Endpoint:
         self.access = access or Access()
         #: who may use the relay and how much, with keys (--keys, --auth-token)
         self.keys = keys
+        #: the longest request body read (--max-body-bytes; a longer one is a 413)
+        self.max_body = RequestLimits().body_bytes
         self.once = once
         self.finished = asyncio.Event()
         self.reason: Reason | None = None

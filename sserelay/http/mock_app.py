@@ -32,7 +32,6 @@ from starlette.types import Receive, Scope, Send
 from sserelay.errors import BudgetExhausted, ClientDisconnected, Interrupted, SourceError
 from sserelay.http.access import Access, Keys
 from sserelay.http.asgi import (
-    MAX_REQUEST_BODY,
     ASGISink,
     BodyTooLarge,
     healthz,
@@ -142,7 +141,7 @@ class Mock(Endpoint):
             await self.refuse(scope, send, refusal, self.provider, key=key)
             return
         try:
-            body = await unless(read_body(receive, MAX_REQUEST_BODY), self.stop)
+            body = await unless(read_body(receive, self.max_body), self.stop)
         except BodyTooLarge as exc:
             await answer_error(send, 413, str(exc), self.provider)
             return

@@ -34,7 +34,6 @@ from sserelay.errors import (
 )
 from sserelay.http.access import SECRET_HEADERS, Access, Keys
 from sserelay.http.asgi import (
-    MAX_REQUEST_BODY,
     ASGISink,
     BodyTooLarge,
     healthz,
@@ -194,7 +193,7 @@ class Proxy(Endpoint):
         whole = False  # whether the client got the whole answer (for the recording)
         try:
             try:
-                body = await unless(read_body(receive, MAX_REQUEST_BODY), self.stop)
+                body = await unless(read_body(receive, self.max_body), self.stop)
             except BodyTooLarge as exc:
                 await answer_error(send, 413, str(exc), api, headers=cors)
                 return Reason.CLIENT_DISCONNECTED, str(exc)

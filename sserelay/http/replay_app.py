@@ -28,7 +28,6 @@ from starlette.types import Receive, Scope, Send
 from sserelay.errors import ClientDisconnected, Interrupted
 from sserelay.http.access import Access
 from sserelay.http.asgi import (
-    MAX_REQUEST_BODY,
     ASGISink,
     BodyTooLarge,
     healthz,
@@ -90,7 +89,7 @@ class Player(Endpoint):
             return
         cors = self.access.cors_headers
         try:
-            body = await unless(read_body(receive, MAX_REQUEST_BODY), self.stop)
+            body = await unless(read_body(receive, self.max_body), self.stop)
         except BodyTooLarge as exc:
             await answer_error(send, 413, str(exc), api, headers=cors)
             return

@@ -194,6 +194,7 @@ async def _serve_until_done(
         _monitoring(config, tokenizer, meter, endpoint, ledger, keys) as monitor,
     ):
         endpoint.keys = keys
+        endpoint.max_body = config.limits.body_bytes
         if monitor is not None:
             app = monitor.wrap(app)
         if sock is None:
@@ -217,6 +218,7 @@ async def _serve_until_done(
             finished=endpoint.finished,
             on_signal=on_signal if handle_signals else None,
             on_ready=ready,
+            limits=config.limits,
         )
     return endpoint, signals
 

@@ -22,20 +22,10 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from sserelay.errors import ListenError, SSERelayError
+from sserelay.http.limits import RequestLimits
 
 T = TypeVar("T")
 
-#: Bounds on a request head, which uvicorn's httptools protocol leaves unbounded: without
-#: them one connection grows the process without limit before any authentication. nginx
-#: and Apache allow about 8 KiB per line, Node.js 16 KiB in all; a gateway's keys and
-#: tokens fit well within these. Past a bound the answer is 414 (the URL) or 431.
-MAX_URL_BYTES = 16 * 1024
-MAX_HEADER_BYTES = 16 * 1024  # one header line, name and value
-MAX_HEAD_BYTES = 64 * 1024  # the request line and every header line
-MAX_HEADERS = 100
-#: A request head not complete this long after the connection (or its first byte) came
-#: closes the connection: half-sent requests must not hold descriptors for ever.
-HEAD_TIMEOUT = 10.0
 #: After a 414 or 431, what the client still sends is read and dropped this long, so it
 #: reads the answer rather than a reset (a close with unread data sends RST).
 REFUSAL_LINGER = 2.0
@@ -102,15 +92,16 @@ class _HeadRefused(SSERelayError):
     """Raised in a parser callback to stop httptools once a head is refused (never escapes)."""
 
 
-#: The answers to a refused head: its status's reason phrase, and what was over which bound.
-_REFUSALS = {
-    414: (b"URI Too Long", f"the request URL is over {MAX_URL_BYTES} bytes"),
-    431: (
+def _refusal(status: int, limits: RequestLimits) -> tuple[bytes, str]:
+    """The answer to a refused head: its status's reason phrase, and what was over which
+    bound."""
+    if status == 414:
+        return b"URI Too Long", f"the request URL is over {limits.line_bytes} bytes"
+    return (
         b"Request Header Fields Too Large",
-        f"the request head is over its bounds ({MAX_HEADERS} header lines of at most "
-        f"{MAX_HEADER_BYTES} bytes, {MAX_HEAD_BYTES} bytes in all)",
-    ),
-}
+        f"the request head is over its bounds ({limits.headers} header lines of at most "
+        f"{limits.line_bytes} bytes, {limits.head_bytes} bytes in all)",
+    )
 
 
 class _HttpProtocol(HttpToolsProtocol):
@@ -124,12 +115,13 @@ class _HttpProtocol(HttpToolsProtocol):
     plain close would wait for that data to drain, forever. The hub's
     slow-client cut-off needs the hard close; ASGI itself has none.
 
-    It also bounds each request head (MAX_URL_BYTES, MAX_HEADER_BYTES,
-    MAX_HEAD_BYTES, MAX_HEADERS: 414 or 431, then close) and the time it may
-    take to arrive (HEAD_TIMEOUT, from the connection or the head's first
-    bytes: close). The timer runs only while a head is unfinished, so an
-    established stream pays nothing for it."""
+    It also bounds each request head (`limits`, a RequestLimits: 414 or 431,
+    then close) and the time it may take to arrive (`limits.head_timeout`, from
+    the connection or the head's first bytes: close). The timer runs only while a
+    head is unfinished, so an established stream pays nothing for it. `limits` is
+    set on a subclass per run (see `serve_app`): uvicorn makes the protocol itself."""
 
+    limits = RequestLimits()
     # Per connection; set on the instance as the connection goes.
     _in_head = True  # the next bytes belong to a request head (not to a body)
     _head_bytes = 0
@@ -139,7 +131,7 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
@@ -152,11 +144,11 @@ class _HttpProtocol(HttpToolsProtocol):
             super().data_received(data)
             return
         if self._head_timer is None:  # a head begins (also a stray CRLF between requests)
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+            self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
         # httptools holds an unfinished header whole in memory: it is fed a head no
         # further than its bound. (A head that starts in the read that ends a body may
         # take that one read more.)
-        room = MAX_HEAD_BYTES - self._head_bytes
+        room = self.limits.head_bytes - self._head_bytes
         part = data if len(data) <= room else data[:room]
         self._head_bytes += len(part)
         super().data_received(part)
@@ -174,14 +166,15 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def on_url(self, url: bytes) -> None:
         # llhttp hands the URL over in pieces, at least one per read.
-        if len(self.url) + len(url) > MAX_URL_BYTES:
+        if len(self.url) + len(url) > self.limits.line_bytes:
             self._refuse(414)
             raise _HeadRefused
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers_seen += 1
-        if self._headers_seen > MAX_HEADERS or len(name) + len(value) > MAX_HEADER_BYTES:
+        limits = self.limits
+        if self._headers_seen > limits.headers or len(name) + len(value) > limits.line_bytes:
             self._refuse(431)
             raise _HeadRefused
         super().on_header(name, value)
@@ -219,7 +212,7 @@ class _HttpProtocol(HttpToolsProtocol):
             # An earlier (pipelined) request's response is still being written.
             transport.close()
             return
-        phrase, message = _REFUSALS[status]
+        phrase, message = _refusal(status, self.limits)
         body = f"sserelay: {message}\n".encode()
         transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -286,16 +279,26 @@ async def serve_app(
     finished: asyncio.Event,
     on_signal: Callable[[int], None] | None,
     on_ready: Callable[[], None] = lambda: None,
+    limits: RequestLimits | None = None,
 ) -> None:
     """Serve `app` on `sock` until `finished` is set, then shut down promptly.
 
     SIGINT and SIGTERM call `on_signal`, which is expected to end the open
     streams and set `finished`; a second signal stops at once. With `on_signal`
     None, the signals are left to whoever runs the event loop. `on_ready` runs
-    once the signal handlers are in place, so a signal after it is never lost."""
+    once the signal handlers are in place, so a signal after it is never lost. `limits`
+    bounds each request (the defaults of RequestLimits when None)."""
+    protocol = _HttpProtocol
+    if limits is not None and limits != _HttpProtocol.limits:
+
+        class _Bounded(_HttpProtocol):
+            pass
+
+        _Bounded.limits = limits
+        protocol = _Bounded
     config = uvicorn.Config(
         app,
-        http=_HttpProtocol,
+        http=protocol,
         ws="none",  # no WebSocket routes; skips importing a websockets stack
         lifespan="off",
         log_level="critical",

@@ -2,9 +2,10 @@
 and a head that never ends is timed out (issue 10, item 3).
 
 The bounds are checked black-box, on the real CLI and real sockets, with the relay's
-RSS read from /proc. The timeout runs in-process: serve_app() (the server the CLI runs)
-with HEAD_TIMEOUT patched down, since a test must not wait the real 10 s and a
-subprocess's module constant cannot be changed from here.
+RSS read from /proc, at their defaults and as --max-line-bytes, --max-head-bytes,
+--max-headers, --head-timeout and --max-body-bytes set them. The timeout also runs
+in-process: serve_app() (the server the CLI runs) with a short head timeout around an app
+that streams, to show that established streams and keep-alive never feel it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -21,6 +24,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from sserelay.http import server
+from sserelay.http.limits import RequestLimits
 from tests.conftest import Relay
 
 MIB = 1024 * 1024
@@ -93,19 +97,22 @@ def test_a_hostile_head_is_refused_closed_and_costs_no_memory(
     assert "Traceback" not in running.stderr
 
 
+DEFAULTS = RequestLimits()
+
+
 def test_heads_within_the_bounds_are_served(relay: Any) -> None:
     running: Relay = relay("serve", "--keep", "--quiet")
-    long_query = "x=" + "q" * (server.MAX_URL_BYTES - 200)
+    long_query = "x=" + "q" * (DEFAULTS.line_bytes - 200)
     assert httpx.get(f"{running.url}healthz?{long_query}").status_code == 200
-    big = {"X-Big": "v" * (server.MAX_HEADER_BYTES - 100)}
+    big = {"X-Big": "v" * (DEFAULTS.line_bytes - 100)}
     assert httpx.get(running.url + "healthz", headers=big).status_code == 200
-    many = {f"X-H{i}": "v" * 100 for i in range(server.MAX_HEADERS - 10)}
+    many = {f"X-H{i}": "v" * 100 for i in range(DEFAULTS.headers - 10)}
     assert httpx.get(running.url + "healthz", headers=many).status_code == 200
 
 
 def test_a_header_over_its_own_bound_is_431_within_the_total(relay: Any) -> None:
     running: Relay = relay("serve", "--keep", "--quiet")
-    big = {"X-Big": "v" * (server.MAX_HEADER_BYTES + 1)}
+    big = {"X-Big": "v" * (DEFAULTS.line_bytes + 1)}
     response = httpx.get(running.url + "healthz", headers=big)
     assert response.status_code == 431
     assert response.headers["connection"] == "close"
@@ -143,17 +150,19 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
     return body
 
 
-def test_an_unfinished_head_is_closed_after_the_timeout_and_streams_are_not(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(server, "HEAD_TIMEOUT", TIMEOUT)
-
+def test_an_unfinished_head_is_closed_after_the_timeout_and_streams_are_not() -> None:
     async def scenario() -> None:
         sock = server.listen("127.0.0.1", 0)
         port = sock.getsockname()[1]
         finished = asyncio.Event()
         serving = asyncio.create_task(
-            server.serve_app(streaming_app, sock, finished=finished, on_signal=lambda _: None)
+            server.serve_app(
+                streaming_app,
+                sock,
+                finished=finished,
+                on_signal=lambda _: None,
+                limits=RequestLimits(head_timeout=TIMEOUT),
+            )
         )
         connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         (silent, _), (half, half_w), (live, live_w) = connections
@@ -185,3 +194,65 @@ def test_an_unfinished_head_is_closed_after_the_timeout_and_streams_are_not(
             await scenario()
 
     asyncio.run(bounded())
+
+
+# --------------------------------------------------------------------------- set by options
+
+
+def test_the_options_set_each_bound(relay: Any) -> None:
+    running: Relay = relay(
+        "serve", "--keep", "--quiet", "--max-line-bytes", "1000", "--max-head-bytes", "2500",
+        "--max-headers", "8",
+    )  # fmt: skip
+    url = running.url + "healthz"
+    # httpx sends 5 headers of its own (host, accept, accept-encoding, connection, user-agent)
+    assert httpx.get(url, headers={f"X-H{i}": "v" for i in range(3)}).status_code == 200
+    assert httpx.get(f"{url}?{'q' * 1100}").status_code == 414
+    assert httpx.get(url, headers={"X-Big": "v" * 1000}).status_code == 431
+    assert httpx.get(url, headers={f"X-H{i}": "v" for i in range(6)}).status_code == 431
+    lines = {f"X-H{i}": "v" * 900 for i in range(3)}  # each line within 1000, 2700 in all
+    assert httpx.get(url, headers=lines).status_code == 431
+    assert "Traceback" not in running.stderr
+
+
+def test_head_timeout_closes_a_half_sent_head_on_the_command_line(relay: Any) -> None:
+    running: Relay = relay("serve", "--keep", "--quiet", "--head-timeout", "0.3")
+    started = time.monotonic()
+    with socket.create_connection(address(running), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert conn.recv(1024) == b""  # closed, unanswered
+    assert 0.25 <= time.monotonic() - started < 5
+
+
+def test_a_body_over_max_body_bytes_is_413_in_the_apis_shape(relay: Any, tmp_path: Any) -> None:
+    answer = tmp_path / "answer.txt"
+    answer.write_text("hello\n")
+    running: Relay = relay(
+        "serve", str(answer), "--as", "openai", "--quiet", "--no-ledger", "--max-body-bytes", "500",
+    )  # fmt: skip
+    url = running.url + "v1/chat/completions"
+    small = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(url, json=small).status_code == 200
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 600}]}
+    response = httpx.post(url, json=big)
+    assert response.status_code == 413
+    assert "500 bytes" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--max-line-bytes", "70000"], "--max-line-bytes"),
+        (["--max-headers", "0"], "--max-headers"),
+        (["--head-timeout", "0"], "--head-timeout"),
+        (["--max-body-bytes", "-1"], "--max-body-bytes"),
+    ],
+)
+def test_a_bad_bound_is_a_usage_error_naming_its_option(args: list[str], option: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sserelay", "serve", "--quiet", *args, "-"],
+        input=b"", capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert option in done.stderr.decode()
+    assert "Traceback" not in done.stderr.decode()
