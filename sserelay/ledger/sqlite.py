@@ -162,13 +162,6 @@ class SQLiteStore(FileStore):
 
     # ------------------------------------------------------------------ open
 
-    async def open(self, instance: str | None, at: datetime) -> None:
-        try:
-            await self._run(lambda: self._open(instance, at))
-        except BaseException:
-            await self.close()
-            raise
-
     def _open(self, instance: str | None, at: datetime) -> None:
         where = f"cannot open ledger {self._path}"
         if self._path.is_dir():

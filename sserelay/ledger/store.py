@@ -131,3 +131,17 @@ class FileStore:
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self, instance: str | None, at: datetime) -> None:
+        """Open the file in the worker thread (`_open`); closed again if that fails."""
+        try:
+            await self._run(lambda: self._open(instance, at))
+        except BaseException:
+            await self.close()
+            raise
+
+    def _open(self, instance: str | None, at: datetime) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
