@@ -75,3 +75,27 @@ def test_bench_capacity_figures_run_on_a_tiny_load(tmp_path: Path) -> None:
     assert figures["capacity"]["sserelay"]["metrics"]["n5_us_per_event"] > 0, figures
     for name in ("sserelay", "floor"):
         assert figures["fanout10k"][name]["metrics"]["delivered_pct"] > 99, figures
+
+
+def test_bench_tokenizers_figure_runs_on_a_tiny_load(tmp_path: Path) -> None:
+    """serve's throughput per tokenizer (o200k_base with tiktoken, pure, whitespace)."""
+    results = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RUN),
+            "--quick",
+            "--figures=tokenizers",
+            "--lines=2000",
+            f"--json={results}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "serve throughput (unique lines), events/s" in done.stdout
+    figures = json.loads(results.read_text())["figures"]
+    for name in ("o200k_base", "o200k_base pure", "whitespace"):
+        assert figures["tokenizers"][name]["metrics"]["events_per_s"] > 0, figures

@@ -118,7 +118,8 @@ class Publisher:
     # ------------------------------------------------------------------ the source side
 
     async def _read(self) -> None:
-        batches = counted(self.source, self._count, self._pending)
+        paces = self._pacer is not None and self._pacer.active
+        batches = counted(self.source, self._count, self._pending, each=paces)
         try:
             async for chunks, tokens, pending in paced(batches, self._pacer):
                 await self._room.wait()
