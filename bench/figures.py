@@ -93,7 +93,7 @@ async def throughput(contender: Contender, settings: Settings) -> Outcome:
     command = contender.command(str(settings.lines_file))
     async with running(command, expect_exit=contender.exits) as server:
         start = time.monotonic_ns()
-        client = await open_stream(HOST, server.port)
+        client = await open_stream(HOST, server.port, contender.path)
         try:
             await asyncio.wait_for(asyncio.shield(client.done), timeout)
         except TimeoutError:

@@ -42,6 +42,7 @@ class Contender:
     note: str | None = None  # why it cannot run at all
     broadcast_note: str | None = None  # why it cannot run the fan-out figures
     exits: bool = False  # ends by itself when its stream ends (sserelay); others are stopped
+    path: str = "/"  # what its clients GET (with a ?token=, say)
 
     @property
     def available(self) -> bool:

@@ -32,7 +32,14 @@ from cluster import CLUSTER_NAMES, cluster, cluster_rows
 from figures import FIGURES, Figure, Outcome, Settings, merge_rounds, write_lines_file
 from lineup import BENCH, NAMES, Contender, discover, kill_leftovers, workdir
 from report import ROWS, Results, build, capacity_rows, render
-from tokenizers import TOKENIZER_NAMES, tokenizer_rows, tokenizers
+from variants import (
+    OVERHEAD_NAMES,
+    TOKENIZER_NAMES,
+    overhead_rows,
+    overheads,
+    tokenizer_rows,
+    tokenizers,
+)
 
 T = TypeVar("T")
 ALIASES = {"memory": "fanout"}  # memory is measured in the fan-out session
@@ -43,9 +50,9 @@ SERVE_FIGURES: dict[str, Figure] = {
     if name != "startup"
 } | {"startup": FIGURES["startup"]}
 #: Every figure: `capacity` runs its own lineup (PROXY_NAMES), `cluster` its own two columns
-#: (sserelay on Redis, and one instance: CLUSTER_NAMES), `tokenizers` its own three
-#: (serve counting with o200k_base, tiktoken and pure, and whitespace: TOKENIZER_NAMES).
-ALL_FIGURES = (*SERVE_FIGURES, "capacity", "cluster", "tokenizers")
+#: (sserelay on Redis, and one instance: CLUSTER_NAMES), `tokenizers` and `overheads` serve
+#: with other options (variants.py: TOKENIZER_NAMES, OVERHEAD_NAMES).
+ALL_FIGURES = (*SERVE_FIGURES, "capacity", "cluster", "tokenizers", "overheads")
 ALL_NAMES = (*NAMES, *(name for name in PROXY_NAMES if name not in NAMES))
 
 
@@ -203,7 +210,7 @@ async def bench(
     for name, note in [(c.name, c.note) for c in lineup] + [(p.name, p.note) for p in proxies]:
         if note is not None:
             log(f"{name}: {note}")
-    if "throughput" in args.figures or "tokenizers" in args.figures:
+    if {"throughput", "tokenizers", "overheads"} & set(args.figures):
         write_lines_file(settings.lines_file, settings.lines)
     results: Results = {}
     for figure in args.figures:
@@ -217,6 +224,9 @@ async def bench(
             continue
         if figure == "tokenizers":
             results[figure] = await tokenizers(settings, log, args.sserelay)
+            continue
+        if figure == "overheads":
+            results[figure] = await overheads(settings, log, args.sserelay)
             continue
         runnable = [c for c in lineup if c.available]
         rounds: dict[str, list[Outcome]] = {c.name: [] for c in runnable}
@@ -332,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = build(results, names, tokenizer_rows(), footnotes, ours="o200k_base")[0]
         tables.append((rows, names))
         ours[id(rows)] = "o200k_base"
+    if "overheads" in results:
+        names = list(OVERHEAD_NAMES)
+        rows = build(results, names, overhead_rows(), footnotes)[0]
+        tables.append((rows, names))
     print(
         "\n\n".join(
             render(rows, [], names, ours.get(id(rows), "sserelay"))

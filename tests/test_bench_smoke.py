@@ -85,7 +85,7 @@ def test_bench_tokenizers_figure_runs_on_a_tiny_load(tmp_path: Path) -> None:
             sys.executable,
             str(RUN),
             "--quick",
-            "--figures=tokenizers",
+            "--figures=tokenizers,overheads",
             "--lines=2000",
             f"--json={results}",
         ],
