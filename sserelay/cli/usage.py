@@ -98,10 +98,13 @@ def _print_table(groups: list[Group], shown: str) -> None:
     from sserelay.ledger.report import FIGURES, table_rows
 
     headers, rows = table_rows(groups)
-    table = Table(title=f"usage: {shown}", title_justify="left")
+    table = Table()
     first_figure = len(headers) - len(FIGURES)
     for index, header in enumerate(headers):
         table.add_column(header, justify="left" if index < first_figure else "right")
     for index, row in enumerate(rows):
         table.add_row(*row, end_section=index == len(rows) - 2)
-    table_console().print(table)
+    console = table_console()
+    # A line of its own: a table's title is padded with spaces to the table's width.
+    console.print(f"usage: {shown}", markup=False)
+    console.print(table)
