@@ -6,15 +6,18 @@ tokens it would add to the bill (its counted tokens, and the change in what a BP
 holds back) are taken from the stream's `Allowance`. A Frames that does not fit is not
 written at all; the stream is then cut with one last event in its API's streaming shape
 (`error_event`), which says why, and its response ends cleanly. The cut falls between two
-writes (one upstream read, one hub batch), so a stream may stop a few tokens short of the
-budget, never past it. A shared store that is lost fails closed: a stream goes on within what
-its instance holds, and is cut when that is spent, with an event that says why.
+writes (one upstream read), so a stream may stop a few tokens short of the budget, never
+past it; a hub batch that does not fit gives the events of it that do (`part_that_fits`),
+where the count holds nothing back (every tokenizer but a BPE one). A shared store that is
+lost fails closed: a stream goes on within what its instance holds, and is cut when that is
+spent, with an event that says why.
 """
 
 from __future__ import annotations
 
 from sserelay.metering.budget import Allowance
 from sserelay.metering.meter import ClientMeter
+from sserelay.streaming.log import BatchFrames
 from sserelay.wire.frames import Frames
 
 
@@ -64,3 +67,23 @@ class BudgetGate:
         if self._unavailable is not None and not self._allowance.reachable:
             self.error_event = self._unavailable  # not spent: it cannot be granted more now
         return False
+
+    async def part_that_fits(self, item: Frames) -> Frames | None:
+        """After `admit` said no: the most first events of `item` that the key's budget
+        can take (taken), if `item` is a hub batch's and the count holds nothing back after
+        any event (pending 0); else None. A store grants all or nothing, so the events that
+        fit are found by halving: a few calls to the store, once, when the stream is cut."""
+        if not isinstance(item, BatchFrames) or item.pending or self._client.tail:
+            return None
+        best: Frames | None = None
+        low, high = 0, item.events - 1  # all of them did not fit
+        while low < high:
+            count = (low + high + 1) // 2
+            part = item.head(count)
+            if await self._allowance.refill(part.tokens, part.tokens * self._price):
+                low, best = count, part
+            else:
+                high = count - 1
+        if best is None or not self._allowance.try_take(best.tokens, best.tokens * self._price):
+            return None
+        return best

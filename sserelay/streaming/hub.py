@@ -33,6 +33,7 @@ from sserelay.sources.text import Source, TimedBatch
 from sserelay.streaming.log import (
     DEFAULT_HISTORY,
     Batch,
+    BatchFrames,
     EventLog,
     StreamId,
     StreamLog,
@@ -92,6 +93,8 @@ class Listener:
                     notice, self.notice = self.notice, b""
                     if frames.events and self.greeting:
                         notice, self.greeting = notice + self.greeting, b""
+                    if isinstance(frames, BatchFrames):
+                        return frames.led_by(notice)
                     return Frames(
                         notice + frames.payload, frames.events, frames.tokens, frames.pending
                     )

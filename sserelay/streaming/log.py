@@ -22,6 +22,43 @@ from sserelay.wire.sse import encode_batch
 DEFAULT_HISTORY = 10_000
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class BatchFrames(Frames):
+    """Events `skip`... of one batch, whose event ends and running token totals it keeps,
+    so that its first events can be cut off (`head`): a stream whose key's budget cannot
+    take them all is given the events that fit, not cut a whole batch short."""
+
+    ends: tuple[int, ...] = ()
+    totals: tuple[int, ...] = ()
+    skip: int = 0
+    #: bytes before the first event (a notice, or fields of the first event's block)
+    lead: int = 0
+
+    def led_by(self, lead: bytes) -> BatchFrames:
+        """The same events with `lead` written before them."""
+        return BatchFrames(
+            lead + self.payload,
+            self.events,
+            self.tokens,
+            self.pending,
+            self.ends,
+            self.totals,
+            self.skip,
+            self.lead + len(lead),
+        )
+
+    def head(self, count: int) -> Frames:
+        """The first `count` events of these (1 <= count <= events), as a Frames; what the
+        count holds back after them is not kept (only after the batch), so this is for a
+        count that holds nothing back (`pending` 0)."""
+        skip, ends, totals = self.skip, self.ends, self.totals
+        base_bytes = ends[skip - 1] if skip else 0
+        base_tokens = totals[skip - 1] if skip else 0
+        last = skip + count - 1
+        size = self.lead + ends[last] - base_bytes
+        return Frames(self.payload[:size], count, totals[last] - base_tokens)
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Events `first`... that were published together: one shared payload,
@@ -41,7 +78,9 @@ class Batch:
     whole: Frames = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        whole = Frames(self.payload, self.events, self.tokens, self.pending)
+        whole = BatchFrames(
+            self.payload, self.events, self.tokens, self.pending, self.ends, self.token_totals
+        )
         object.__setattr__(self, "whole", whole)
 
     @property
@@ -63,11 +102,14 @@ class Batch:
         if skip == 0:
             return self.whole
         offset = self.ends[skip - 1]
-        return Frames(
+        return BatchFrames(
             self.payload[offset:],
             self.events - skip,
             self.tokens - self.token_totals[skip - 1],
             self.pending,
+            self.ends,
+            self.token_totals,
+            skip,
         )
 
 

@@ -210,8 +210,12 @@ async def _pump(
     # The per-event path: the next Frames, write and flush it, bill it.
     time = asyncio.get_running_loop().time
     async for item in frames:
+        last = False
         if gate is not None and not gate.take(item) and not await gate.admit(item):
-            await _cut(sink, client, activity, gate, headers)
+            part = await gate.part_that_fits(item)
+            if part is None:
+                await _cut(sink, client, activity, gate, headers)
+            item, last = part, True  # the events that fit, then the cut
         if headers is not None:  # lazy start: the headers go with the first write
             await sink.start(headers)
             headers = None
@@ -237,6 +241,9 @@ async def _pump(
                 raise _Gone
             activity.last = time()
         client.record(item.events, item.tokens, len(item.payload), item.pending)
+        if last:
+            assert gate is not None
+            await _cut(sink, client, activity, gate, None)
 
 
 async def _cut(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Frames:
     """Encoded bytes holding `events` events and `tokens` tokens, written in one flush.
 
@@ -20,3 +20,18 @@ class Frames:
     events: int
     tokens: int
     pending: int = 0
+
+    # Equal by what is written and billed, whatever else a subclass carries (the hub's
+    # BatchFrames keeps its batch's offsets too).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frames):
+            return NotImplemented
+        return (self.payload, self.events, self.tokens, self.pending) == (
+            other.payload,
+            other.events,
+            other.tokens,
+            other.pending,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.payload, self.events, self.tokens, self.pending))

@@ -292,3 +292,57 @@ def test_keys_status_shows_what_each_key_spent(
     assert rows["alice"]["spent_tokens"] == spent
     assert rows["alice"]["remaining_tokens"] == 30 - spent
     assert rows["bob"]["budget_tokens"] is None
+
+
+def test_a_rate_limit_refuses_the_next_request_and_never_cuts_a_running_stream(
+    relay: Any, answer_file: Path, tmp_path: Path
+) -> None:
+    secret = "sk-relay-test-erin-0123456789"
+    keys = tmp_path / "rate.toml"
+    keys.write_text(f'[keys.erin]\nsecret_sha256 = "{digest(secret)}"\ntokens_per_minute = 20\n')
+    _, proxy = gateway(relay, answer_file, keys, tmp_path / "usage.db")
+    received: list[str] = []
+    with openai.OpenAI(base_url=proxy.url, api_key=secret, max_retries=0) as client:
+        stream_text(client, received)  # far past 20 tokens: the running stream is never cut
+        assert "".join(received).split() == ANSWER.split()
+        with pytest.raises(openai.RateLimitError) as refused:
+            stream_text(client, [])
+    assert "erin" in refused.value.message and "minute" in refused.value.message
+    assert 1 <= int(refused.value.response.headers["retry-after"]) <= 60
+    proxy.signal(signal.SIGTERM)
+    rows = proxy.bill()["clients"]
+    assert [r["reason"] for r in rows] == ["complete", "rate_limited"]
+    assert rows[1]["tokens"] == 0
+
+
+def test_serve_stops_one_clients_stream_at_its_keys_budget_and_not_the_others(
+    relay: Any, answer_file: Path, keys_file: Path
+) -> None:
+    # The file is read at once: one batch of 100 events, of which alice is given the 30
+    # that fit her budget (the hub's batches are cut at an event, not whole).
+    served: Relay = relay(
+        "serve", str(answer_file), "--keys", str(keys_file), "--chunk", "word", "--json",
+    )  # fmt: skip
+
+    def events(name: str) -> list[tuple[str, str]]:
+        got: list[tuple[str, str]] = []
+        url = f"{served.url}?token={SECRETS[name]}"
+        with httpx.stream("GET", url, timeout=30) as response:
+            assert response.status_code == 200
+            kind = "message"
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    got.append((kind, line[6:]))
+                    kind = "message"
+        return got
+
+    alice = events("alice")  # a budget of 30 tokens: 30 one-word events, then why
+    bob = events("bob")  # no budget: every word
+    assert [data.strip() for kind, data in alice if kind == "message"] == ANSWER.split()[:30]
+    assert alice[-1][0] == "error" and "budget" in alice[-1][1]
+    assert [data.strip() for _, data in bob] == ANSWER.split()
+    rows = {row["key"]: row for row in served.bill()["clients"]}
+    assert rows["alice"]["reason"] == "budget_exhausted" and rows["alice"]["tokens"] == 30
+    assert rows["bob"]["reason"] == "complete" and rows["bob"]["tokens"] == WORDS

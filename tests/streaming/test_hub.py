@@ -17,7 +17,7 @@ from sserelay.metering.tokens import count_tokens
 from sserelay.sources.pacing import Pacer
 from sserelay.sources.text import Batch, TimedBatch
 from sserelay.streaming.hub import HISTORY_TRUNCATED, Hub, Listener
-from sserelay.streaming.log import EventLog, parse_event_id
+from sserelay.streaming.log import BatchFrames, EventLog, parse_event_id
 from sserelay.wire.frames import Frames
 from sserelay.wire.sse import encode_data
 
@@ -56,6 +56,29 @@ def test_a_read_from_any_point_is_every_later_event_once_and_billed_exactly(
         assert frames is None
     else:
         assert frames == expected(chunks, cursor)
+
+
+@given(st.lists(st.text(alphabet="ab \n", max_size=6), min_size=1, max_size=8), st.data())
+def test_the_first_events_of_a_batch_are_cut_at_an_event(
+    batch: list[str], data: st.DataObject
+) -> None:
+    log = log_of([batch])
+    skip = data.draw(st.integers(0, len(batch) - 1))
+    frames = log.read(1 + skip)
+    assert isinstance(frames, BatchFrames)
+    count = data.draw(st.integers(1, len(batch) - skip))
+    numbered = list(enumerate(batch, 1))[skip : skip + count]
+    payload = b"".join(encode_data(chunk, str(i)) for i, chunk in numbered)
+    tokens = sum(count_tokens(chunk) for _, chunk in numbered)
+    assert frames.head(count) == Frames(payload, count, tokens)
+
+
+def test_a_batch_led_by_a_notice_gives_it_with_its_first_events() -> None:
+    log = log_of([["a", "b c", "d"]])
+    frames = log.read(1)
+    assert isinstance(frames, BatchFrames)
+    part = frames.led_by(b"retry: 1000\n").head(2)
+    assert part == Frames(b"retry: 1000\n" + expected(["a", "b c", "d"], 1).payload[:32], 2, 3)
 
 
 def test_a_client_keeping_up_gets_the_batch_payload_itself() -> None:
