@@ -109,7 +109,7 @@ class _HttpProtocol(HttpToolsProtocol):
     `abort()` closes the connection at once with a reset, and `sserelay.connection`, whose
     `open()` says whether the connection still takes what is sent and whose
     `write(body)` writes a piece of the response body straight to the transport
-    (_write_body()).
+    (_write_body()), and whose `ready()` says whether `write` would take one now.
 
     A client that stops reading leaves a write waiting on a full socket; a
     plain close would wait for that data to drain, forever. The hub's
