@@ -23,7 +23,7 @@ T = TypeVar("T")
 #: The ASGI extension our server adds (http/server.py): `open()`, whether the connection
 #: still takes what is sent, answered synchronously, right after a send; `write(body)`, a
 #: piece of the body written straight to the transport (True: taken, False: the connection
-#: is gone, None: not now, use `send`).
+#: is gone, None: not now, use `send`); `ready()`, whether `write(body)` would take it now.
 CONNECTION_EXTENSION = "sserelay.connection"
 #: The ASGI extension whose `abort()` closes the connection at once with a reset.
 ABORT_EXTENSION = "sserelay.abort"
@@ -45,6 +45,7 @@ class ASGISink:
         self._buffer: list[bytes] = []
         self._connected = _extension(scope, CONNECTION_EXTENSION, "open")
         self._write_now = _extension(scope, CONNECTION_EXTENSION, "write")
+        self._ready_now = _extension(scope, CONNECTION_EXTENSION, "ready")
         self.status = 200
         self.started = False
         self.accepted = False
@@ -85,6 +86,16 @@ class ASGISink:
         await asyncio.sleep(0)
         self.accepted = not self.gone.is_set()
         return self.accepted
+
+    def ready(self) -> bool:
+        """Whether write_now() would hand bytes to the connection now (see ExpressSink)."""
+        return self._write_now is not None and self._ready_now is not None and self._ready_now()
+
+    def write_now(self, data: bytes) -> bool:
+        """Hand `data` to the connection now, with no flush to await; True once it took
+        them. Only right after ready() said True, with no await in between."""
+        assert self._write_now is not None
+        return self._write_now(data) is True
 
     async def wait_disconnected(self) -> None:
         await watch_disconnect(self._receive, self.gone)

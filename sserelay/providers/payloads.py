@@ -44,7 +44,7 @@ PAYLOAD_KINDS: tuple[str, ...] = (
 _DONE = "[DONE]"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Delta:
     """What one payload carries. `text` reaches the user; a model's text may stop mid-word, so
     meter it over the joined text (`metering.tokens.TokenCounter`). A 'raw' payload is whatever
@@ -56,6 +56,25 @@ class Delta:
     model: str | None = None
     done: bool = False
 
+    def __init__(
+        self,
+        text: str = "",
+        usage: Usage | None = None,
+        model: str | None = None,
+        done: bool = False,
+    ) -> None:
+        # As Frames: the slots set through their descriptors, 1.3 -> 0.8 us per Delta (one
+        # per relayed event; issue 17). Still frozen.
+        _set_text(self, text)
+        _set_usage(self, usage)
+        _set_model(self, model)
+        _set_done(self, done)
+
+
+_set_text = vars(Delta)["text"].__set__
+_set_usage = vars(Delta)["usage"].__set__
+_set_model = vars(Delta)["model"].__set__
+_set_done = vars(Delta)["done"].__set__
 
 _NOTHING = Delta()
 _NOT_JSON = object()

@@ -5,6 +5,7 @@ slow reader; and the errors of the client (the HTTP1Error family)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
@@ -68,11 +69,13 @@ class Response:
         "_buffered",
         "_connection",
         "_error",
+        "_express",
         "_head_only",
         "_loop",
         "_parser",
         "_paused",
         "_pieces",
+        "_raised",
         "_read_timeout",
         "_reason",
         "_released",
@@ -100,6 +103,8 @@ class Response:
         self._wait_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._error: HTTP1Error | None = None
+        self._express: Callable[[bytes], bool] | None = None
+        self._raised: Exception | None = None
         self._body_until_close = False
         self._reusable = True
         self._released = False
@@ -118,6 +123,14 @@ class Response:
         """True once the body was read to its end, or the response closed."""
         return self._released
 
+    def express(self, consume: Callable[[bytes], bool] | None) -> None:
+        """Offer body bytes to `consume` as they arrive, from the connection's callback,
+        while a reader waits in read() with nothing before them: True, it took them (the
+        reader never sees them, and its read timeout starts again); False, they go to
+        the reader as usual. An exception from it is raised by the waiting read(), and
+        ends the offers. None stops them; so does the response's end or close."""
+        self._express = consume
+
     # -- the reader's side ------------------------------------------------------------
 
     async def read(self) -> bytes:
@@ -126,6 +139,8 @@ class Response:
         closed). Raises ReadTimeout, RemoteProtocolError, or CancelledError (after which
         the response should be closed)."""
         while True:
+            if self._raised is not None:
+                raise self._raised
             pieces = self._pieces
             if pieces:
                 # One piece per read is the rule for a streamed answer: handed on as is.
@@ -204,6 +219,7 @@ class Response:
     def _release(self) -> None:
         """Hand the connection back (a whole exchange) or close it (anything else)."""
         self._released = True
+        self._express = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -214,6 +230,7 @@ class Response:
 
     def feed(self, data: bytes) -> None:
         """Bytes from the connection."""
+        waiting = self._waiter is not None and not self._pieces
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -224,10 +241,32 @@ class Response:
             else:
                 self._fail(RemoteProtocolError(f"malformed HTTP response ({one_line(exc)})"))
         if self._pieces:
+            if waiting and self._express is not None and self._offer():
+                return  # taken: nobody is woken (an end or error read in it woke the reader)
             self._wake()
             if self._buffered > MAX_BUFFERED and not self._paused:
                 self._paused = True
                 self._connection.pause_reading()
+
+    def _offer(self) -> bool:
+        """Offer the pieces just parsed to the express consumer; True if it took them."""
+        assert self._express is not None
+        pieces = self._pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        try:
+            taken = self._express(data)
+        except Exception as exc:  # raised where the reader waits, as its own would be
+            self._express = None
+            self._raised = exc
+            self._reusable = False
+            self._wake()
+            return True
+        if taken:
+            pieces.clear()
+            self._buffered = 0
+            if self._read_timeout is not None:
+                self._wait_since = self._loop.time()  # bytes came: the wait starts again
+        return taken
 
     def lost(self, exc: BaseException | None) -> None:
         """The connection closed (`exc` None: the server closed it cleanly)."""

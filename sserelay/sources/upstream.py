@@ -312,6 +312,24 @@ class UpstreamResponse:
         finally:
             self._response.close()
 
+    def express(self, consume: Callable[[bytes], bool]) -> bool:
+        """Offer each piece of the body to `consume` as it arrives, from the connection's
+        callback, whenever the reader of chunks() waits with nothing before it (see
+        `Response.express`): True, it took the piece (chunks() never yields it); False, the
+        piece goes to chunks() as usual. Returns False, offering nothing, for a body with
+        a content coding (chunks() decodes it)."""
+        if self._decoder is not None:
+            return False
+
+        def offer(data: bytes) -> bool:
+            if consume(data):
+                self.bytes_received += len(data)
+                return True
+            return False
+
+        self._response.express(offer)
+        return True
+
     async def aclose(self) -> None:
         """Close the response now; if its body was not read to the end, the
         connection is closed too (not returned to the pool)."""

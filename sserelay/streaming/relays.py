@@ -86,6 +86,17 @@ class EventRelay:
             self.failure = UpstreamError(f"upstream sent a line that is not SSE: {shown!r}")
         return Frames(b"".join(parts), events, tokens, self._tokens.pending())
 
+    def pass_through(self, chunk: bytes) -> Frames | None:
+        """decode() for a chunk of whole canonical events only (see BlockParser.data_blocks),
+        passed on as it came; None, having read nothing, for any other chunk (then call
+        decode()). Such a chunk cannot break the stream: `failure` stays as it was."""
+        if self.failure is not None:
+            return None
+        blocks = self._blocks.data_blocks(chunk)
+        if blocks is None:
+            return None
+        return self._pass_through(chunk, blocks)
+
     def _pass_through(self, chunk: bytes, blocks: list[tuple[str | None, str]]) -> Frames:
         """decode() for a chunk that re-encodes to itself (BlockParser.data_blocks): metered
         block by block, passed on as it came. Parsing and re-encoding it was ~4 of the

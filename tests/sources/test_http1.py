@@ -265,6 +265,56 @@ def test_a_slow_reader_pauses_the_socket_and_resumes_it(monkeypatch: pytest.Monk
     assert run(scenario()) == [True, False, False, b"12345678" * 3, True]
 
 
+def test_express_takes_pieces_only_while_a_reader_waits_with_nothing_before_them() -> None:
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        connection, response, _, _ = exchange()
+        second = CHUNKED.index(b"9\r\ndata: 2")
+        offered: list[bytes] = []
+
+        def take(data: bytes) -> bool:
+            offered.append(data)
+            return data != b"data: 2\n\n"  # the second goes to the reader
+
+        response.express(take)
+        connection.data_received(CHUNKED[:second])  # nobody reads yet: not offered
+        await response.wait_head()
+        read = [await response.read()]
+        reading = asyncio.ensure_future(response.read())
+        await asyncio.sleep(0)  # the reader waits now
+        connection.data_received(b"9\r\ndata: 3\n\n\r\n")  # taken: the reader sleeps on
+        connection.data_received(CHUNKED[second:])  # declined: read, then the end
+        read += [await reading, await response.read()]
+        return offered, read
+
+    offered, read = run(scenario())
+    assert offered == [b"data: 3\n\n", b"data: 2\n\n"]
+    assert read == [b"data: 1\n\n", b"data: 2\n\n", b""]
+
+
+def test_an_express_error_is_raised_by_the_waiting_read_and_ends_the_offers() -> None:
+    async def scenario() -> tuple[str, int]:
+        connection, response, _, _ = exchange()
+        connection.data_received(CHUNKED[: CHUNKED.index(b"9\r\n")])
+        await response.wait_head()
+        calls = 0
+
+        def fail(data: bytes) -> bool:
+            nonlocal calls
+            calls += 1
+            raise ValueError("broken consumer")
+
+        response.express(fail)
+        reading = asyncio.ensure_future(response.read())
+        await asyncio.sleep(0)
+        connection.data_received(b"9\r\ndata: 1\n\n\r\n")
+        with pytest.raises(ValueError) as raised:
+            await reading
+        connection.data_received(b"9\r\ndata: 2\n\n\r\n")
+        return str(raised.value), calls
+
+    assert run(scenario()) == ("broken consumer", 1)
+
+
 @pytest.mark.parametrize(
     "headers",
     [

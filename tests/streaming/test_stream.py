@@ -8,6 +8,7 @@ deadline (STYLE.md, "Tests"), so a stream that buffers fails fast instead of han
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -21,6 +22,7 @@ from sserelay.streaming.stream import (
     PING,
     SSE_HEADERS,
     EventSink,
+    ExpressLane,
     Frames,
     encode_chunks,
     relay_frames,
@@ -595,3 +597,103 @@ def test_encode_chunks(
 def test_encode_chunks_counts_with_the_given_count() -> None:
     frames = encode_chunks(from_batches([["ab", "cde"]]), count=len)
     assert run(collect(frames)) == [Frames(b"id: 1\ndata: ab\n\nid: 2\ndata: cde\n\n", 2, 5)]
+
+
+# --------------------------------------------------------------------------- the express lane
+
+
+class ExpressMemorySink(MemorySink):
+    """A MemorySink that also takes bytes synchronously while `open_now` says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_now = True
+        self.written_now: list[bytes] = []
+
+    def ready(self) -> bool:
+        return self.open_now and not self._gone.is_set()
+
+    def write_now(self, data: bytes) -> bool:
+        assert self.ready()
+        self.written_now.append(data)
+        self.flushed.append(data)
+        return True
+
+
+def test_the_express_lane_writes_and_bills_while_the_pump_waits() -> None:
+    lanes: list[ExpressLane] = []
+    release = asyncio.Event()
+
+    async def source() -> AsyncIterator[Frames]:
+        yield Frames(b"data: pumped\n\n", 1, 2, 1)
+        await release.wait()
+
+    async def scenario() -> tuple[ExpressMemorySink, ClientMeter, list[bool]]:
+        sink, client = ExpressMemorySink(), new_client()
+        relay = asyncio.ensure_future(
+            relay_frames(sink, source(), client=client, express=lanes.append)
+        )
+        await sink.wait_flushed(1)
+        (lane,) = lanes
+        seen = [lane.ready()]
+        lane.write(Frames(b"data: express\n\n", 1, 3, 2))
+        sink.open_now = False  # a paused transport: the pump's way, which waits
+        seen.append(lane.ready())
+        sink.open_now = True
+        release.set()
+        await relay
+        seen.append(lane.ready())  # the stream is over: nothing more goes this way
+        return sink, client, seen
+
+    sink, client, seen = run(scenario())
+    assert seen == [True, False, False]
+    assert sink.flushed == [b"data: pumped\n\n", b"data: express\n\n"]
+    assert sink.written_now == [b"data: express\n\n"]
+    assert (client.events, client.tokens, client.tail) == (2, 5, 2)
+    assert client.bytes == len(b"data: pumped\n\ndata: express\n\n")
+
+
+def test_no_express_lane_while_a_ping_is_written() -> None:
+    lanes: list[ExpressLane] = []
+    during_ping: list[bool] = []
+
+    class PingWatch(ExpressMemorySink):
+        async def flush(self) -> bool:
+            if self._pending == [PING]:
+                during_ping.append(lanes[0].ready())
+            return await super().flush()
+
+    async def idle() -> AsyncIterator[Frames]:
+        yield Frames(b"data: 1\n\n", 1, 1)
+        await asyncio.Event().wait()
+
+    async def scenario() -> None:
+        sink = PingWatch()
+        relay = asyncio.ensure_future(
+            relay_frames(sink, idle(), client=new_client(), heartbeat=0.01, express=lanes.append)
+        )
+        while not during_ping:
+            await asyncio.sleep(0.01)
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
+
+    run(scenario())
+    assert during_ping[0] is False
+
+
+def test_no_express_lane_with_a_gate_a_lazy_start_or_a_sink_without_one() -> None:
+    lanes: list[ExpressLane] = []
+
+    async def scenario() -> None:
+        await relay_frames(MemorySink(), from_frames([]), client=new_client(), express=lanes.append)
+        await relay_frames(
+            ExpressMemorySink(),
+            from_frames([]),
+            client=new_client(),
+            lazy_start=True,
+            express=lanes.append,
+        )
+
+    run(scenario())
+    assert lanes == []
