@@ -122,14 +122,19 @@ class _HttpProtocol(HttpToolsProtocol):
     set on a subclass per run (see `serve_app`): uvicorn makes the protocol itself."""
 
     limits = RequestLimits()
-    # Per connection; set on the instance as the connection goes.
-    _in_head = True  # the next bytes belong to a request head (not to a body)
-    _head_bytes = 0
-    _headers_seen = 0
-    _refused = False
-    _head_timer: asyncio.TimerHandle | None = None
+    # Per connection, in slots rather than the instance dict: uvicorn's protocol keeps 28
+    # attributes there, and CPython shares one dict layout among a class's instances only
+    # up to 30 keys; past that every connection pays for a dict of its own (1.5 KiB).
+    __slots__ = ("_head_bytes", "_head_timer", "_headers_seen", "_in_head", "_refused")
+    _in_head: bool  # the next bytes belong to a request head (not to a body)
+    _head_bytes: int
+    _headers_seen: int
+    _refused: bool
+    _head_timer: asyncio.TimerHandle | None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._in_head, self._head_bytes, self._headers_seen = True, 0, 0
+        self._refused = False
         super().connection_made(transport)
         self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
 
