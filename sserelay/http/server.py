@@ -304,6 +304,9 @@ async def serve_app(
     config = uvicorn.Config(
         app,
         http=protocol,
+        # Said, not guessed: uvicorn takes an app that is a plain function (one that hands
+        # over an awaitable, as Monitor.wrap's does) for ASGI 2.
+        interface="asgi3",
         ws="none",  # no WebSocket routes; skips importing a websockets stack
         lifespan="off",
         log_level="critical",
