@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import gc
 import signal
 import socket
@@ -109,7 +108,7 @@ class _HttpProtocol(HttpToolsProtocol):
     `abort()` closes the connection at once with a reset, and `sserelay.connection`, whose
     `open()` says whether the connection still takes what is sent and whose
     `write(body)` writes a piece of the response body straight to the transport
-    (_write_body()).
+    (_Connection).
 
     A client that stops reading leaves a write waiting on a full socket; a
     plain close would wait for that data to drain, forever. The hub's
@@ -191,10 +190,10 @@ class _HttpProtocol(HttpToolsProtocol):
         # uvicorn's send() writes at once, or drops the write if the connection is gone:
         # asked right after a send, `open()` says which, with no turn of the event loop
         # (the sink would otherwise yield once per flush to learn of a disconnect).
-        cycle = self.cycle
+        connection = _Connection(self.cycle)
         self.scope["extensions"]["sserelay.connection"] = {
-            "open": lambda: not cycle.disconnected,
-            "write": functools.partial(_write_body, cycle),
+            "open": connection.open,
+            "write": connection.write,
         }
 
     def on_message_complete(self) -> None:
@@ -245,28 +244,44 @@ class _HttpProtocol(HttpToolsProtocol):
         self.transport.abort()
 
 
-def _write_body(cycle: RequestResponseCycle, body: bytes) -> bool | None:
-    """The `write(body)` of the `sserelay.connection` extension: the next piece of a
-    started chunked response, handed to the transport now. True once the transport took
-    it; False if the connection is gone (nothing was written); None where it cannot be
-    done here (the response is not started, not chunked, or complete, or the transport
-    asked to pause writing): send it with ASGI `send` instead, which waits to drain.
+class _Connection:
+    """The `sserelay.connection` extension of one request: its methods are the
+    extension's `open()` and `write(body)` (one small object in slots: a closure and a
+    partial took twice the memory of each idle stream)."""
 
-    uvicorn's send() does the same (its chunk framing, its disconnected check) under
-    starlette's and uvicorn's wrappers; for a relayed event the ASGI chain was a third
-    of the proxy's CPU, and skipping it measured 71 -> 47 us of CPU per event (issue 17)."""
-    if cycle.disconnected:
-        return False
-    if (
-        not cycle.chunked_encoding
-        or not cycle.response_started
-        or cycle.response_complete
-        or cycle.flow.write_paused
-    ):
-        return None
-    if body:  # an empty chunk would end the response
-        cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
-    return True
+    __slots__ = ("cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+
+    def open(self) -> bool:
+        """Whether the connection still takes what is sent."""
+        return not self.cycle.disconnected
+
+    def write(self, body: bytes) -> bool | None:
+        """The next piece of a started chunked response, handed to the transport now. True
+        once the transport took it; False if the connection is gone (nothing was written);
+        None where it cannot be done here (the response is not started, not chunked, or
+        complete, or the transport asked to pause writing): send it with ASGI `send`
+        instead, which waits to drain.
+
+        uvicorn's send() does the same (its chunk framing, its disconnected check) under
+        starlette's and uvicorn's wrappers; for a relayed event the ASGI chain was a third
+        of the proxy's CPU, and skipping it measured 71 -> 47 us of CPU per event (issue
+        17)."""
+        cycle = self.cycle
+        if cycle.disconnected:
+            return False
+        if (
+            not cycle.chunked_encoding
+            or not cycle.response_started
+            or cycle.response_complete
+            or cycle.flow.write_paused
+        ):
+            return None
+        if body:  # an empty chunk would end the response
+            cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+        return True
 
 
 class _Server(uvicorn.Server):
