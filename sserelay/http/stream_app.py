@@ -26,7 +26,7 @@ from sserelay.metering.bill import ClientBill
 from sserelay.metering.keys import Key
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
-from sserelay.streaming.hub import Hub, Listener
+from sserelay.streaming.hub import Hub
 from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 
 #: Sent before a client's first event: an EventSource that loses the connection comes back
@@ -140,18 +140,8 @@ class StreamSession(Endpoint):
         greeting = RETRY if self.hub.log.ids else b""
         listener = self.hub.join(last_event_id, on_cut=abort or (lambda: None), greeting=greeting)
         sink = ASGISink(receive, send, scope)
-        try:
-            return await self._relay(sink, client, listener, abort)
-        finally:
-            await listener.aclose()
-
-    async def _relay(
-        self,
-        sink: ASGISink,
-        client: ClientMeter,
-        listener: Listener,
-        abort: Callable[[], None] | None,
-    ) -> Outcome:
+        # One frame for the whole stream (no helper coroutine): each stays suspended for as
+        # long as the stream is open.
         try:
             await relay_frames(
                 sink,
@@ -173,10 +163,13 @@ class StreamSession(Endpoint):
         except BudgetExhausted:
             await sink.end()
             return Reason.BUDGET_EXHAUSTED, None
-        if listener.cut:
-            return Reason.SLOW_CLIENT, None
-        await sink.end()
-        return Reason.COMPLETE, None
+        else:
+            if listener.cut:
+                return Reason.SLOW_CLIENT, None
+            await sink.end()
+            return Reason.COMPLETE, None
+        finally:
+            await listener.aclose()
 
     def _ended(self, bill: ClientBill) -> None:
         """A client is done: does the run end with it?"""
