@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import gc
 import signal
 import socket
@@ -109,7 +108,7 @@ class _HttpProtocol(HttpToolsProtocol):
     `abort()` closes the connection at once with a reset, and `sserelay.connection`, whose
     `open()` says whether the connection still takes what is sent and whose
     `write(body)` writes a piece of the response body straight to the transport
-    (_write_body()), and whose `ready()` says whether `write` would take one now.
+    (_Connection), and whose `ready()` says whether `write` would take one now.
 
     A client that stops reading leaves a write waiting on a full socket; a
     plain close would wait for that data to drain, forever. The hub's
@@ -122,14 +121,19 @@ class _HttpProtocol(HttpToolsProtocol):
     set on a subclass per run (see `serve_app`): uvicorn makes the protocol itself."""
 
     limits = RequestLimits()
-    # Per connection; set on the instance as the connection goes.
-    _in_head = True  # the next bytes belong to a request head (not to a body)
-    _head_bytes = 0
-    _headers_seen = 0
-    _refused = False
-    _head_timer: asyncio.TimerHandle | None = None
+    # Per connection, in slots rather than the instance dict: uvicorn's protocol keeps 28
+    # attributes there, and CPython shares one dict layout among a class's instances only
+    # up to 30 keys; past that every connection pays for a dict of its own (1.5 KiB).
+    __slots__ = ("_head_bytes", "_head_timer", "_headers_seen", "_in_head", "_refused")
+    _in_head: bool  # the next bytes belong to a request head (not to a body)
+    _head_bytes: int
+    _headers_seen: int
+    _refused: bool
+    _head_timer: asyncio.TimerHandle | None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._in_head, self._head_bytes, self._headers_seen = True, 0, 0
+        self._refused = False
         super().connection_made(transport)
         self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
 
@@ -186,11 +190,11 @@ class _HttpProtocol(HttpToolsProtocol):
         # uvicorn's send() writes at once, or drops the write if the connection is gone:
         # asked right after a send, `open()` says which, with no turn of the event loop
         # (the sink would otherwise yield once per flush to learn of a disconnect).
-        cycle = self.cycle
+        connection = _Connection(self.cycle)
         self.scope["extensions"]["sserelay.connection"] = {
-            "open": lambda: not cycle.disconnected,
-            "write": functools.partial(_write_body, cycle),
-            "ready": functools.partial(_body_ready, cycle),
+            "open": connection.open,
+            "write": connection.write,
+            "ready": connection.ready,
         }
 
     def on_message_complete(self) -> None:
@@ -241,36 +245,57 @@ class _HttpProtocol(HttpToolsProtocol):
         self.transport.abort()
 
 
-def _write_body(cycle: RequestResponseCycle, body: bytes) -> bool | None:
-    """The `write(body)` of the `sserelay.connection` extension: the next piece of a
-    started chunked response, handed to the transport now. True once the transport took
-    it; False if the connection is gone (nothing was written); None where it cannot be
-    done here (the response is not started, not chunked, or complete, or the transport
-    asked to pause writing): send it with ASGI `send` instead, which waits to drain.
+class _Connection:
+    """The `sserelay.connection` extension of one request: its methods are the
+    extension's `open()` and `write(body)` (one small object in slots: a closure and a
+    partial took twice the memory of each idle stream)."""
 
-    uvicorn's send() does the same (its chunk framing, its disconnected check) under
-    starlette's and uvicorn's wrappers; for a relayed event the ASGI chain was a third
-    of the proxy's CPU, and skipping it measured 71 -> 47 us of CPU per event (issue 17)."""
-    if cycle.disconnected:
-        return False
-    if not _body_ready(cycle):
-        return None
-    if body:  # an empty chunk would end the response
-        cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
-    return True
+    __slots__ = ("cycle",)
 
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
 
-def _body_ready(cycle: RequestResponseCycle) -> bool:
-    """The `ready()` of the `sserelay.connection` extension: whether `write(body)` would
-    take a piece now (the connection there, the response started and chunked, not complete,
-    the transport not paused). Nothing can change that before the next turn of the loop."""
-    return (
-        not cycle.disconnected
-        and bool(cycle.chunked_encoding)
-        and cycle.response_started
-        and not cycle.response_complete
-        and not cycle.flow.write_paused
-    )
+    def open(self) -> bool:
+        """Whether the connection still takes what is sent."""
+        return not self.cycle.disconnected
+
+    def ready(self) -> bool:
+        """Whether `write(body)` would take a piece now (the connection there, the response
+        started and chunked, not complete, the transport not paused). Nothing can change
+        that before the next turn of the loop."""
+        cycle = self.cycle
+        return (
+            not cycle.disconnected
+            and bool(cycle.chunked_encoding)
+            and cycle.response_started
+            and not cycle.response_complete
+            and not cycle.flow.write_paused
+        )
+
+    def write(self, body: bytes) -> bool | None:
+        """The next piece of a started chunked response, handed to the transport now. True
+        once the transport took it; False if the connection is gone (nothing was written);
+        None where it cannot be done here (the response is not started, not chunked, or
+        complete, or the transport asked to pause writing): send it with ASGI `send`
+        instead, which waits to drain.
+
+        uvicorn's send() does the same (its chunk framing, its disconnected check) under
+        starlette's and uvicorn's wrappers; for a relayed event the ASGI chain was a third
+        of the proxy's CPU, and skipping it measured 71 -> 47 us of CPU per event (issue
+        17)."""
+        cycle = self.cycle
+        if cycle.disconnected:
+            return False
+        if (
+            not cycle.chunked_encoding
+            or not cycle.response_started
+            or cycle.response_complete
+            or cycle.flow.write_paused
+        ):
+            return None
+        if body:  # an empty chunk would end the response
+            cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+        return True
 
 
 class _Server(uvicorn.Server):
@@ -308,6 +333,9 @@ async def serve_app(
     config = uvicorn.Config(
         app,
         http=protocol,
+        # Said, not guessed: uvicorn takes an app that is a plain function (one that hands
+        # over an awaitable, as Monitor.wrap's does) for ASGI 2.
+        interface="asgi3",
         ws="none",  # no WebSocket routes; skips importing a websockets stack
         lifespan="off",
         log_level="critical",

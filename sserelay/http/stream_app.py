@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import html
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, Literal
+from typing import Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sserelay.errors import BudgetExhausted, ClientDisconnected, Interrupted, SourceError
 from sserelay.http.access import Access, Keys, Refusal
@@ -26,7 +26,7 @@ from sserelay.metering.bill import ClientBill
 from sserelay.metering.keys import Key
 from sserelay.metering.meter import ClientMeter, Meter
 from sserelay.metering.reason import Reason
-from sserelay.streaming.hub import Hub, Listener
+from sserelay.streaming.hub import Hub
 from sserelay.streaming.stream import SSE_HEADERS, relay_frames
 
 #: Sent before a client's first event: an EventSource that loses the connection comes back
@@ -140,18 +140,8 @@ class StreamSession(Endpoint):
         greeting = RETRY if self.hub.log.ids else b""
         listener = self.hub.join(last_event_id, on_cut=abort or (lambda: None), greeting=greeting)
         sink = ASGISink(receive, send, scope)
-        try:
-            return await self._relay(sink, client, listener, abort)
-        finally:
-            await listener.aclose()
-
-    async def _relay(
-        self,
-        sink: ASGISink,
-        client: ClientMeter,
-        listener: Listener,
-        abort: Callable[[], None] | None,
-    ) -> Outcome:
+        # One frame for the whole stream (no helper coroutine): each stays suspended for as
+        # long as the stream is open.
         try:
             await relay_frames(
                 sink,
@@ -173,10 +163,13 @@ class StreamSession(Endpoint):
         except BudgetExhausted:
             await sink.end()
             return Reason.BUDGET_EXHAUSTED, None
-        if listener.cut:
-            return Reason.SLOW_CLIENT, None
-        await sink.end()
-        return Reason.COMPLETE, None
+        else:
+            if listener.cut:
+                return Reason.SLOW_CLIENT, None
+            await sink.end()
+            return Reason.COMPLETE, None
+        finally:
+            await listener.aclose()
 
     def _ended(self, bill: ClientBill) -> None:
         """A client is done: does the run end with it?"""
@@ -248,9 +241,20 @@ UI_HEADERS = {
 }
 
 
-def create_app(stream: Callable[[Scope, Receive, Send], Any], ui: str | None = None) -> Starlette:
+#: The paths and methods of the stream, which go straight to it (see create_app).
+STREAM_PATHS = frozenset({"/", "/events"})
+STREAM_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def create_app(
+    stream: Callable[[Scope, Receive, Send], Awaitable[None]], ui: str | None = None
+) -> ASGIApp:
     """The app: the event stream at `/` and `/events`, `ok` at `/healthz`,
-    and the page `ui` (HTML) at `/ui` if given."""
+    and the page `ui` (HTML) at `/ui` if given.
+
+    A stream request goes straight to `stream`, the rest to a Starlette router: its
+    middleware and routing frames would stay suspended for as long as each stream is
+    open (3 KiB per idle client). `stream` answers its own errors and refusals."""
 
     async def ui_endpoint(request: Request) -> Response:
         return HTMLResponse(ui or "", headers=UI_HEADERS)
@@ -269,4 +273,16 @@ def create_app(stream: Callable[[Scope, Receive, Send], Any], ui: str | None = N
         return PlainTextResponse(f"sserelay: no such path; try {shown}\n", status_code=404)
 
     routes.append(Route("/{path:path}", not_found))
-    return Starlette(routes=routes)
+    router = Starlette(routes=routes)
+
+    # Not a coroutine: it hands over the awaitable, adding no frame of its own.
+    def app(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if (
+            scope["type"] == "http"
+            and scope["path"] in STREAM_PATHS
+            and scope["method"] in STREAM_METHODS
+        ):
+            return stream(scope, receive, send)
+        return router(scope, receive, send)
+
+    return app
