@@ -60,8 +60,14 @@ class Relay:
 
     def bill(self, timeout: float = 10.0) -> dict[str, Any]:
         """The JSON bill (the relay must run with --json), once it has exited."""
-        self.wait(timeout)
-        bill: dict[str, Any] = json.loads(self.stdout())
+        code = self.wait(timeout)
+        out = self.stdout()
+        try:
+            bill: dict[str, Any] = json.loads(out)
+        except json.JSONDecodeError:
+            raise AssertionError(
+                f"no JSON bill (exit {code}); stdout {out[-500:]!r}; stderr {self.stderr[-2000:]}"
+            ) from None
         return bill
 
     @property
