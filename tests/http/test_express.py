@@ -1,4 +1,4 @@
-"""The proxy's express lane (http/proxy_app.py `_express`, streaming/stream.py ExpressLane):
+"""The proxy's express lane (http/proxy_express.py `express_lane`, streaming/stream.py ExpressLane):
 an upstream read of whole canonical events is written and billed in the upstream
 connection's callback. It must bill and deliver exactly what the pump's way does.
 Real sockets: a mock upstream and the proxy, both in process."""
@@ -60,7 +60,7 @@ def test_the_express_lane_bills_and_delivers_as_the_pump_does(
     express_bodies, express = relayed(text_file, tokenizer)
     assert express_writes > 10  # the answers went the express way (all but what raced it)
 
-    monkeypatch.setattr(proxy_app, "_express", lambda *args: None)
+    monkeypatch.setattr(proxy_app, "express_lane", lambda *args: None)
     pump_bodies, pump = relayed(text_file, tokenizer)
 
     def rows(result: RunResult) -> list[tuple[Any, ...]]:
