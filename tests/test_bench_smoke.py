@@ -12,27 +12,32 @@ from typing import Any
 RUN = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 
-def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, *args: str, timeout: float = 90) -> tuple[str, dict[str, Any]]:
+    """`bench/run.py ARGS`, which must succeed: its stdout and its JSON document."""
     results = tmp_path / "results.json"
     done = subprocess.run(
-        [
-            sys.executable,
-            str(RUN),
-            "--quick",
-            "--only=sserelay,floor",  # no optional deps, no Go toolchain
-            "--figures=throughput,latency",
-            "--lines=2000",
-            "--latency-lines=50",
-            f"--json={results}",
-        ],
+        [sys.executable, str(RUN), *args, f"--json={results}"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "throughput, events/s" in done.stdout
     document: dict[str, Any] = json.loads(results.read_text())
+    return done.stdout, document
+
+
+def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
+    stdout, document = run_bench(
+        tmp_path,
+        "--quick",
+        "--only=sserelay,floor",  # no optional deps, no Go toolchain
+        "--figures=throughput,latency",
+        "--lines=2000",
+        "--latency-lines=50",
+        timeout=60,
+    )
+    assert "throughput, events/s" in stdout
     figures = document["figures"]
     assert set(figures) == {"throughput", "latency"}
     for name in ("sserelay", "floor"):
@@ -44,28 +49,17 @@ def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
 def test_bench_capacity_figures_run_on_a_tiny_load(tmp_path: Path) -> None:
     """The proxy capacity figure (sserelay and the direct floor: no nginx needed) and the
     fan-out figure in its 10k form, both with a handful of clients."""
-    results = tmp_path / "results.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(RUN),
-            "--only=sserelay,floor,direct",
-            "--figures=capacity,fanout10k",
-            "--streams=5",
-            "--capacity-warmup=0.3",
-            "--capacity-window=0.7",
-            "--fanout10k-clients=20",
-            "--fanout10k-seconds=0.5",
-            f"--json={results}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
+    stdout, document = run_bench(
+        tmp_path,
+        "--only=sserelay,floor,direct",
+        "--figures=capacity,fanout10k",
+        "--streams=5",
+        "--capacity-warmup=0.3",
+        "--capacity-window=0.7",
+        "--fanout10k-clients=20",
+        "--fanout10k-seconds=0.5",
     )
-    assert done.returncode == 0, done.stderr
-    assert "N=5: added delay p99, ms" in done.stdout
-    document: dict[str, Any] = json.loads(results.read_text())
+    assert "N=5: added delay p99, ms" in stdout
     figures = document["figures"]
     assert set(figures) == {"capacity", "fanout10k"}
     for name in ("sserelay", "direct"):
@@ -79,23 +73,10 @@ def test_bench_capacity_figures_run_on_a_tiny_load(tmp_path: Path) -> None:
 
 def test_bench_tokenizers_figure_runs_on_a_tiny_load(tmp_path: Path) -> None:
     """serve's throughput per tokenizer (o200k_base with tiktoken, pure, whitespace)."""
-    results = tmp_path / "results.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(RUN),
-            "--quick",
-            "--figures=tokenizers,overheads",
-            "--lines=2000",
-            f"--json={results}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
+    stdout, document = run_bench(
+        tmp_path, "--quick", "--figures=tokenizers,overheads", "--lines=2000"
     )
-    assert done.returncode == 0, done.stderr
-    assert "serve throughput (unique lines), events/s" in done.stdout
-    figures = json.loads(results.read_text())["figures"]
+    assert "serve throughput (unique lines), events/s" in stdout
+    figures = document["figures"]
     for name in ("o200k_base", "o200k_base pure", "whitespace"):
         assert figures["tokenizers"][name]["metrics"]["events_per_s"] > 0, figures
