@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -122,30 +122,46 @@ def start_relay(
     return relay
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One private PostgreSQL for the session (skipped without it, failed under CI=true)."""
+Service = TypeVar("Service", PostgresServer, RedisServer)
+
+
+def _session_service(start: Callable[[], Service]) -> Iterator[Service]:
+    """A private server for the session, removed at its end (skipped if it cannot start,
+    failed under CI=true)."""
     try:
-        server = start_postgres()
+        server = start()
     except ServiceUnavailable as exc:
         skip_or_fail(str(exc))
     try:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the session (skipped without it, failed under CI=true)."""
+    yield from _session_service(start_postgres)
 
 
 @pytest.fixture(scope="session")
 def redis_session() -> Iterator[RedisServer]:
     """One private Redis for the session (skipped without it, failed under CI=true)."""
-    try:
-        server = start_redis()
-    except ServiceUnavailable as exc:
-        skip_or_fail(str(exc))
-    try:
-        yield server
-    finally:
-        server.remove()
+    yield from _session_service(start_redis)
+
+
+def usage_report(ledger: str, *args: str) -> dict[str, Any]:
+    """`sserelay usage --ledger LEDGER --json ARGS`, which must succeed, as JSON."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sserelay", "usage", "--ledger", ledger, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
 
 
 @pytest.fixture

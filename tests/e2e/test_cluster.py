@@ -27,7 +27,7 @@ import openai
 import pytest
 
 from sserelay import SSEDecoder, count_tokens
-from tests.conftest import Relay, wait_until
+from tests.conftest import Relay, usage_report, wait_until
 from tests.services import PostgresServer, RedisServer, free_port
 
 Event = tuple[str | None, str]
@@ -240,19 +240,6 @@ def test_usage_errors(args: list[str], message: str) -> None:
 # --------------------------------------------------------------------------- a shared ledger
 
 
-def usage(ledger: str, *args: str) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "sserelay", "usage", "--ledger", ledger, "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
-
-
 def test_a_shared_ledger_sums_every_instance_and_a_survivor_closes_a_dead_ones_rows(
     relay: Any, redis_server: RedisServer, postgres_server: PostgresServer
 ) -> None:
@@ -272,7 +259,7 @@ def test_a_shared_ledger_sums_every_instance_and_a_survivor_closes_a_dead_ones_r
     deadline = time.monotonic() + 15
 
     def crashed() -> bool:
-        reasons = {g["reason"] for g in usage(ledger, "--by", "reason")["groups"]}
+        reasons = {g["reason"] for g in usage_report(ledger, "--by", "reason")["groups"]}
         return "crashed" in reasons or time.monotonic() > deadline
 
     wait_until(crashed, timeout=20, interval=0.3)
@@ -280,7 +267,7 @@ def test_a_shared_ledger_sums_every_instance_and_a_survivor_closes_a_dead_ones_r
     source_bill = source.bill()
     one.signal(signal.SIGTERM)
     one_bill = one.bill()
-    report = usage(ledger, "--by", "reason")
+    report = usage_report(ledger, "--by", "reason")
     reasons = {group["reason"]: group for group in report["groups"]}
     assert reasons["crashed"]["requests"] == 1 and reasons["crashed"]["events"] == 40
     # One total for every instance: the survivors' bills and the dead one's checkpoint.
@@ -350,7 +337,7 @@ def test_two_proxies_sharing_a_key_never_let_it_pass_its_budget(
     for proxy in proxies:
         proxy.signal(signal.SIGTERM)
         bills.append(proxy.bill())
-    rows = usage(ledger, "--by", "key")["groups"]
+    rows = usage_report(ledger, "--by", "key")["groups"]
     alice = next(row for row in rows if row["key"] == "alice")
     # The ledger's sum for the key: what the clients received, within the budget.
     assert alice["tokens"] == delivered == sum(bill["tokens"] for bill in bills)

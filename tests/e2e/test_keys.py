@@ -152,15 +152,21 @@ def test_a_budget_stops_the_stream_mid_way_with_an_exact_partial_bill(
         assert secret not in everything and secret.encode().hex() not in everything
 
 
-def test_a_restart_does_not_give_the_budget_back(
-    relay: Any, answer_file: Path, keys_file: Path, tmp_path: Path
-) -> None:
-    ledger = tmp_path / "usage.db"
+def spend_alices_budget(relay: Any, answer_file: Path, keys_file: Path, ledger: Path) -> int:
+    """One proxy run in which alice's stream is cut at her budget; the tokens she was billed."""
     _, proxy = gateway(relay, answer_file, keys_file, ledger)
     with openai_client(proxy, "alice") as client, pytest.raises(openai.APIError):
         stream_text(client, [])
     proxy.signal(signal.SIGTERM)
-    proxy.bill()
+    tokens: int = proxy.bill()["clients"][0]["tokens"]
+    return tokens
+
+
+def test_a_restart_does_not_give_the_budget_back(
+    relay: Any, answer_file: Path, keys_file: Path, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "usage.db"
+    spend_alices_budget(relay, answer_file, keys_file, ledger)
     _, again = gateway(relay, answer_file, keys_file, ledger)
     with openai_client(again, "alice") as client, pytest.raises(openai.RateLimitError):
         stream_text(client, [])
@@ -282,11 +288,7 @@ def test_keys_status_shows_what_each_key_spent(
     relay: Any, answer_file: Path, keys_file: Path, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "usage.db"
-    _, proxy = gateway(relay, answer_file, keys_file, ledger)
-    with openai_client(proxy, "alice") as client, pytest.raises(openai.APIError):
-        stream_text(client, [])
-    proxy.signal(signal.SIGTERM)
-    spent = proxy.bill()["clients"][0]["tokens"]
+    spent = spend_alices_budget(relay, answer_file, keys_file, ledger)
     result = cli("keys", "status", "--keys", str(keys_file), "--ledger", str(ledger), "--json")
     rows = {row["name"]: row for row in json.loads(result.stdout)["keys"]}
     assert rows["alice"]["spent_tokens"] == spent

@@ -20,23 +20,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import EXAMPLE, Relay, wait_until
+from tests.conftest import EXAMPLE, Relay, usage_report, wait_until
 from tests.services import PostgresServer
 
 REQUESTS = 50
-
-
-def usage(ledger: str, *args: str) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "sserelay", "usage", "--ledger", ledger, "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
 
 
 def mock_and_proxy(relay: Any, ledger: str, *args: str) -> tuple[Relay, Relay]:
@@ -83,8 +70,8 @@ def test_a_proxy_ledger_sums_exactly_to_the_bill(relay: Any, tmp_path: Path) -> 
     proxy.signal(signal.SIGINT)
     bill = proxy.bill()
     assert bill["ledger"] == ledger
-    check_usage_equals_bill(usage(ledger), bill)
-    by_model = usage(ledger, "--by", "model")
+    check_usage_equals_bill(usage_report(ledger), bill)
+    by_model = usage_report(ledger, "--by", "model")
     assert {group["model"] for group in by_model["groups"]} == {
         f"gpt-4o-mini-{n}" for n in range(3)
     }
@@ -135,7 +122,7 @@ def kill_mid_stream_then_recover(relay: Any, ledger: str) -> None:
     assert answer.status_code == 200
     second.signal(signal.SIGTERM)
     bill = second.bill()
-    report = usage(ledger, "--by", "reason")
+    report = usage_report(ledger, "--by", "reason")
     reasons = {group["reason"]: group for group in report["groups"]}
     assert set(reasons) == {"crashed", "complete"}
     crashed = reasons["crashed"]
@@ -167,7 +154,7 @@ def test_a_postgres_ledger_sums_exactly_to_the_bill(
     wait_until(lambda: proxy.stderr.count(" · complete") >= REQUESTS)
     proxy.signal(signal.SIGTERM)
     bill = proxy.bill()
-    check_usage_equals_bill(usage(ledger), bill)
+    check_usage_equals_bill(usage_report(ledger), bill)
 
 
 @pytest.mark.parametrize("kind", ["unwritable", "corrupt", "refused"])
@@ -207,7 +194,7 @@ def test_past_a_hundred_requests_the_bill_keeps_sums_not_rows(relay: Any, tmp_pa
     bill = mock.bill()
     assert bill["clients"] == [] and bill["clients_total"] == 120
     assert bill["by_model"]["m"]["requests"] == 120
-    assert usage(ledger)["total"]["tokens"] == bill["tokens"]
+    assert usage_report(ledger)["total"]["tokens"] == bill["tokens"]
 
 
 def test_a_postgres_lost_for_good_leaves_its_rows_in_a_fallback_file_and_exit_1(
@@ -229,7 +216,7 @@ def test_a_postgres_lost_for_good_leaves_its_rows_in_a_fallback_file_and_exit_1(
     assert bill["tokens"] > 0
     warning = next(line for line in mock.stderr_lines if "could not be stored" in line)
     fallback = Path(warning.rsplit("they are in ", 1)[1].strip())
-    report = usage(str(fallback))
+    report = usage_report(str(fallback))
     assert report["total"]["requests"] == 3
     assert report["total"]["tokens"] == bill["tokens"]
     assert "password" not in mock.stderr
@@ -267,6 +254,6 @@ def test_usage_prints_a_table_with_a_totals_row_and_csv(relay: Any, tmp_path: Pa
         ["group", "b", "2"],
         ["total", "", "3"],
     ]
-    since = usage(ledger, "--since", "1h")
+    since = usage_report(ledger, "--since", "1h")
     assert since["total"]["requests"] == 3
-    assert usage(ledger, "--until", "2000-01-01")["total"]["requests"] == 0
+    assert usage_report(ledger, "--until", "2000-01-01")["total"]["requests"] == 0
